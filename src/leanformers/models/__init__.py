@@ -1,0 +1,1 @@
+"""Model families, found by `model_type` through `registry.family_for`."""
