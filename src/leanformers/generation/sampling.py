@@ -1,0 +1,129 @@
+"""Samplers: small functions over logits (B, V), applied in a fixed, documented order.
+
+    logits -> repetition_penalty -> temperature -> top_k -> top_p -> min_p -> softmax -> draw
+
+temperature == 0 means greedy (argmax of the penalized logits). Filters set excluded logits to -inf,
+so the distribution they leave is exactly the renormalized allowed set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. Defaults: greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0, got {t!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise InvalidArgumentError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise InvalidArgumentError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        rp = self.repetition_penalty
+        if rp is not None and not (isinstance(rp, (int, float)) and rp > 0 and math.isfinite(rp)):
+            raise InvalidArgumentError(f"repetition_penalty must be > 0, got {rp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalize tokens in `history` (B, N): positive logits divided by `penalty`, negative multiplied."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = logits.gather(-1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, history, seen)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept too)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the penalty, temperature and filters in the documented order; returns float32 logits."""
+    logits = logits.float()
+    if params.repetition_penalty is not None and history is not None:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k:
+        logits = apply_top_k(logits, params.top_k)
+    if params.top_p is not None:
+        logits = apply_top_p(logits, params.top_p)
+    if params.min_p is not None:
+        logits = apply_min_p(logits, params.min_p)
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution the sampler draws from (B, V); one-hot at the argmax when greedy."""
+    logits = process_logits(logits, params, history)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return logits.softmax(-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
+    logits = process_logits(logits, params, history)
+    if params.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
