@@ -38,6 +38,10 @@ class LanguageModel:
         self.source = source
         self.files = files or []
         self.generation_config = generation_config or {}
+        # Speed hooks, set by compile/quantize: a replacement one-token step, and the static cache
+        # size rounded up to a multiple of `cache_bucket` so a compiled step is reused across requests.
+        self.decode_fn = None
+        self.cache_bucket: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -151,8 +155,15 @@ class LanguageModel:
         return run_generation(
             self.model, self.tokenizer, prompts, max_new_tokens=budget, params=params,
             eos_ids=self.eos_token_ids, stop=stop or (), ignore_eos=ignore_eos, logprobs=logprobs,
-            results=results,
+            results=results, decode_fn=self.decode_fn, cache_len=self._cache_len(prompts, budget),
         )
+
+    def _cache_len(self, prompts: list[list[int]], max_new_tokens: int) -> int | None:
+        if not self.cache_bucket:
+            return None
+        need = max(len(p) for p in prompts) + max_new_tokens
+        size = -(-need // self.cache_bucket) * self.cache_bucket
+        return min(size, max(need, self.context_length))
 
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"

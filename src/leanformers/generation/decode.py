@@ -107,13 +107,18 @@ def generate_steps(
     decode_fn: DecodeFn = decode_step,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     on_prefill_done: Callable[[], None] | None = None,
+    cache_len: int | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per new token (for every row) until `max_new_tokens`; the caller decides when to stop."""
+    """Yield one Step per new token (for every row) until `max_new_tokens`; the caller decides when to stop.
+
+    cache_len: size of the static cache (default: exactly prompt + max_new_tokens); a fixed, larger
+    size lets a compiled decode step be reused across requests.
+    """
     if max_new_tokens <= 0:
         raise InvalidArgumentError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     device = model.model.embed_tokens.weight.device
     L = max(len(p) for p in prompts)
-    max_len = L + max_new_tokens
+    max_len = max(L + max_new_tokens, cache_len or 0)
     batch = Batch.from_prompts(prompts, max_len, device)
     cache = model.make_cache(len(prompts), max_len)
     generator = params.make_generator(device)

@@ -59,6 +59,7 @@ def run_generation(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     results: list[GenerationResult] | None = None,
     steps_factory=None,
+    cache_len: int | None = None,
 ) -> Iterator[str]:
     """Generate for every prompt; yields the text pieces of row 0 as they become final.
 
@@ -73,7 +74,8 @@ def run_generation(
     reasons: list[str | None] = [None] * n
     t0 = time.perf_counter()
     t_first: list[float] = []
-    kwargs = dict(max_new_tokens=max_new_tokens, params=params, logprobs=logprobs, prefill_chunk=prefill_chunk)
+    kwargs = dict(max_new_tokens=max_new_tokens, params=params, logprobs=logprobs, prefill_chunk=prefill_chunk,
+                  cache_len=cache_len)
     if decode_fn is not None:
         kwargs["decode_fn"] = decode_fn
     steps = (steps_factory or generate_steps)(model, prompts, on_prefill_done=lambda: t_first.append(time.perf_counter()), **kwargs)
