@@ -1,0 +1,114 @@
+"""The `leanformers` entry point, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import leanformers
+
+EXE = shutil.which("leanformers") or ""
+
+
+def run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "leanformers.cli", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines and needle in lines[-1], r.stderr
+
+
+def test_entry_point_installed():
+    assert EXE, "the `leanformers` console script is not on PATH (pip install -e .)"
+
+
+def test_help_for_each_command():
+    for command in ["generate", "chat", "info", "perplexity"]:
+        r = run(command, "--help")
+        assert r.returncode == 0 and "--model" in r.stdout, command
+    assert "--max-new-tokens" in run("generate", "--help").stdout
+
+
+def test_generate_matches_python_api(tiny_models):
+    model = str(tiny_models["llama3"])
+    r = run("generate", "-m", model, "Once upon a time", "--max-new-tokens", "12", "--ignore-eos", "--no-stream")
+    assert r.returncode == 0, r.stderr
+    expected = leanformers.load(model, progress=False).generate("Once upon a time", max_new_tokens=12, ignore_eos=True)
+    assert r.stdout == expected.text + "\n"
+    streamed = run("generate", "-m", model, "Once upon a time", "--max-new-tokens", "12", "--ignore-eos", "--stream")
+    assert streamed.stdout == r.stdout
+    assert "Loading" not in r.stderr  # no progress bars when piped
+
+
+def test_info(tiny_models):
+    r = run("info", str(tiny_models["qwen2"]))
+    assert r.returncode == 0, r.stderr
+    for needle in ["qwen2", "parameters", "context length:   256", "model.safetensors", "float32"]:
+        assert needle in r.stdout
+
+
+def test_chat_through_a_pipe(tiny_models):
+    model = str(tiny_models["llama3"])
+    r = run("chat", "-m", model, "--max-new-tokens", "6", "--ignore-eos", "--no-stream",
+            stdin="Hello there\n/reset\nHello there\n/exit\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    lm = leanformers.load(model, progress=False)
+    first = lm.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=6, ignore_eos=True).text
+    assert r.stdout == (first + "\n") * 2  # /reset: the second answer starts from an empty history
+    assert "[history cleared]" in r.stderr and len(lines) >= 2
+
+
+def test_chat_keeps_history(tiny_models):
+    model = str(tiny_models["llama3"])
+    r = run("chat", "-m", model, "--max-new-tokens", "4", "--ignore-eos", "--system", "Be brief.",
+            stdin="one\ntwo\n")
+    assert r.returncode == 0, r.stderr
+    lm = leanformers.load(model, progress=False)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"}]
+    a = lm.chat(msgs, max_new_tokens=4, ignore_eos=True).text
+    msgs += [{"role": "assistant", "content": a}, {"role": "user", "content": "two"}]
+    b = lm.chat(msgs, max_new_tokens=4, ignore_eos=True).text
+    assert r.stdout == f"{a}\n{b}\n"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["generate", ""], "empty"),
+     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+     (["generate", "hi", "--temperature", "-1"], "temperature"),
+     (["generate", "hi", "--top-p", "1.5"], "top_p"),
+     (["generate", "-m", "no-such-model-alias", "hi"], "no-such-model-alias"),
+     (["generate", "-m", "./missing/dir", "hi"], "missing"),
+     (["info", "/nonexistent/model.gguf"], "nonexistent")],
+)
+def test_bad_input_is_one_clean_line(tiny_models, args, needle):
+    if args[0] == "generate" and "-m" not in args:
+        args = [args[0], "-m", str(tiny_models["llama3"]), *args[1:]]
+    assert_clean_error(run(*args), needle)
+
+
+def test_prompt_too_long(tiny_models):
+    model = str(tiny_models["llama3"])
+    long_prompt = "word " * 400  # the tiny model's context is 256 tokens
+    assert_clean_error(run("generate", "-m", model, long_prompt, "--max-new-tokens", "4"), "context window")
+    r = run("generate", "-m", model, long_prompt, "--max-new-tokens", "4", "--truncate", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_bundled_model_generate_and_chat():
+    r = run("generate", "--chat", "What is the capital of France?", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    r = run("chat", "--max-new-tokens", "24", stdin="What is the capital of France?\n")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
