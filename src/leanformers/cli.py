@@ -20,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> 
     if positional:
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
+        p.add_argument("-m", "--model", dest="model_option", default=None, help="same as the positional MODEL")
     else:
         p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                        help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
@@ -205,7 +206,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
 
-    print(describe(args.model, revision=args.revision, offline=True if args.offline else None))
+    print(describe(args.model_option or args.model, revision=args.revision, offline=True if args.offline else None))
     return 0
 
 
