@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ from .errors import InvalidArgumentError
 from .generation.run import GenerationResult, fit_prompt, run_generation
 from .generation.sampling import SamplingParams
 from .hub import ResolvedModel, resolve
-from .loading import build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
+from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
 from .tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
+
+logger = logging.getLogger(__name__)
 
 
 class LanguageModel:
@@ -42,6 +45,7 @@ class LanguageModel:
         # size rounded up to a multiple of `cache_bucket` so a compiled step is reused across requests.
         self.decode_fn = None
         self.cache_bucket: int | None = None
+        self.quantization: str | None = None  # "int8" / "int4" once quantized
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +87,8 @@ class LanguageModel:
         logprobs: bool = False,
         truncate: bool = False,
         add_special_tokens: bool = True,
+        draft: Any = None,
+        num_draft_tokens: int | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate a continuation (greedy by default).
 
@@ -90,11 +96,15 @@ class LanguageModel:
         Sampling order: repetition_penalty, temperature (0 = greedy), top_k, top_p, min_p.
         stop: strings that end generation (not included in the text). truncate: keep the end of a
         prompt that does not fit the context window instead of raising.
+        draft: speculative decoding (one prompt at a time): a LanguageModel with the same tokenizer,
+        "self-int4" (this model int4-quantized), or "prompt-lookup"; num_draft_tokens: fixed k
+        (default: adaptive). Output as without it (greedy: same tokens; sampling: same distribution).
         """
         prompts, single = self._prompts(prompt, add_special_tokens)
         results: list[GenerationResult] = []
         for _ in self._run(prompts, results, max_new_tokens, temperature, top_k, top_p, min_p,
-                           repetition_penalty, seed, stop, ignore_eos, logprobs, truncate):
+                           repetition_penalty, seed, stop, ignore_eos, logprobs, truncate,
+                           draft=draft, num_draft_tokens=num_draft_tokens):
             pass
         return results[0] if single else results
 
@@ -144,7 +154,8 @@ class LanguageModel:
         raise InvalidArgumentError("the prompt is empty")
 
     def _run(self, prompts, results, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, logprobs=False, truncate=False):
+             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, logprobs=False, truncate=False,
+             draft=None, num_draft_tokens=None):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         fitted = [fit_prompt(p, max_new_tokens, self.context_length, truncate=truncate) for p in prompts]
@@ -152,10 +163,18 @@ class LanguageModel:
         budget = min(b for _, b in fitted)
         if isinstance(stop, str):
             stop = [stop]
+        steps_factory = None
+        if draft is not None:
+            from .generation.speculative import steps_factory as speculative_factory
+
+            steps_factory = speculative_factory(self, draft, num_draft_tokens, len(prompts))
+        elif num_draft_tokens is not None:
+            raise InvalidArgumentError("num_draft_tokens needs draft= (a draft model, 'self-int4' or 'prompt-lookup')")
         return run_generation(
             self.model, self.tokenizer, prompts, max_new_tokens=budget, params=params,
             eos_ids=self.eos_token_ids, stop=stop or (), ignore_eos=ignore_eos, logprobs=logprobs,
             results=results, decode_fn=self.decode_fn, cache_len=self._cache_len(prompts, budget),
+            steps_factory=steps_factory,
         )
 
     def _cache_len(self, prompts: list[list[int]], max_new_tokens: int) -> int | None:
@@ -164,6 +183,21 @@ class LanguageModel:
         need = max(len(p) for p in prompts) + max_new_tokens
         size = -(-need // self.cache_bucket) * self.cache_bucket
         return min(size, max(need, self.context_length))
+
+    def quantize(
+        self, scheme: str, group_size: int = 32, *, include_lm_head: bool | str = "int8",
+        dtype: str | torch.dtype | None = None,
+    ) -> "LanguageModel":
+        """Weight-only quantization in place ("int8" or "int4"), see leanformers.quantize.quantize_model.
+
+        Call fuse_projections() before, and compile (if any) after: a compiled step is not updated.
+        """
+        from .quantize import quantize_model
+
+        quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
+                       dtype=parse_dtype(dtype))
+        self.quantization = scheme
+        return self
 
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"
@@ -178,16 +212,25 @@ def load(
     revision: str | None = None,
     offline: bool | None = None,
     progress: bool | None = None,
+    quantize: str | None = None,
+    group_size: int = 32,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
     dtype: float32, bfloat16 or float16; default: the checkpoint's (bfloat16 instead of float16 on CPU,
     float32 for GGUF). progress: show progress bars (default: when stderr is a terminal).
+    quantize: None, "int8" or "int4" (weight-only, see leanformers.quantize; group_size for int4).
+    With quantize, dtype is the activation dtype (default: bfloat16 on CPU, logged). GGUF Q4_0/Q4_1
+    weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
     """
     if progress is None:
         progress = sys.stderr.isatty()
     device = torch.device(device)
     wanted = parse_dtype(dtype)
+    if quantize is not None:
+        from .quantize import check_scheme
+
+        check_scheme(quantize, group_size)
     resolved = resolve(reference, revision=revision, offline=offline, progress=progress)
     config, tensors, files, gguf = read_checkpoint(resolved)
     if gguf is not None:
@@ -197,10 +240,31 @@ def load(
         tokenizer = load_tokenizer_from_dir(resolved.path)
         generation_config = read_generation_config(resolved.path)
     dtype_ = wanted or default_dtype(None if gguf is not None else config.torch_dtype, device)
-    model = build_model(config, tensors, dtype=dtype_, device=device, source=str(resolved.path), progress=progress)
-    return LanguageModel(
+    exact: dict[str, Any] = {}
+    if quantize is not None:
+        from .quantize import gguf_exact_int4_names
+
+        # quantize from the checkpoint's own precision; quantize_model then picks the activation dtype
+        dtype_ = torch.float32 if gguf is not None else DTYPE_NAMES.get(
+            str(config.torch_dtype or "float32").removeprefix("torch."), torch.float32)
+        if quantize == "int4" and gguf is not None:
+            names = gguf_exact_int4_names(tensors, tie_word_embeddings=config.tie_word_embeddings)
+            if names and group_size != 32:
+                logger.info("GGUF Q4 weights map exactly onto int4 only with group_size 32; requantizing to %d",
+                            group_size)
+            elif names:
+                exact = {n: tensors[n] for n in names}
+    model = build_model(config, tensors, dtype=dtype_, device=device, source=str(resolved.path), progress=progress,
+                        placeholders=exact.keys())
+    lm = LanguageModel(
         model, tokenizer, config, source=resolved, files=files, generation_config=generation_config
     )
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
+        lm.quantization = quantize
+    return lm
 
 
 class TextStream:

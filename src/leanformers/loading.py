@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Container, Mapping
 
 import torch
 from torch import nn
@@ -76,8 +76,14 @@ def build_model(
     device: torch.device,
     source: str,
     progress: bool = False,
+    placeholders: Container[str] = (),
 ) -> nn.Module:
-    """Build the family's model on the meta device and assign the checkpoint tensors to it."""
+    """Build the family's model on the meta device and assign the checkpoint tensors to it.
+
+    placeholders: tensor names that are NOT read; they get a zero-memory stand-in of the right
+    shape (an expanded scalar) and the caller must replace their modules (quantize_model does,
+    for GGUF Q4 weights mapped exactly onto int4 kernels).
+    """
     family = family_for(config)
     with torch.device("meta"):
         model = family.build(config)
@@ -108,7 +114,9 @@ def build_model(
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {list(shape)}, the model expects {list(meta.shape)}"
             )
-        if isinstance(value, GGUFTensor):
+        if name in placeholders:
+            t = torch.zeros((), dtype=dtype, device=device).expand(shape)
+        elif isinstance(value, GGUFTensor):
             t = value.dequantize(dtype)
         else:
             if not value.is_floating_point():
