@@ -9,6 +9,7 @@ Q4_0/Q4_1 blocks can also be handed out raw (`GGUFTensor.q4_blocks`) for the int
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,17 +132,17 @@ def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Te
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):
         blocks = _u8(raw).reshape(n // 32, -1)
         d = blocks[:, :2].contiguous().view(torch.float16).float()
+        out = torch.empty(n // 32, 32, dtype=torch.float32)
         if qtype == "Q8_0":
-            q = blocks[:, 2:].contiguous().view(torch.int8).float()
-            return (q * d).reshape(shape)
+            out.copy_(blocks[:, 2:].view(torch.int8))
+            return out.mul_(d).reshape(shape)
+        qs = blocks[:, 2:] if qtype == "Q4_0" else blocks[:, 4:]
+        out[:, :16].copy_(qs & 0x0F)
+        out[:, 16:].copy_(qs >> 4)
         if qtype == "Q4_0":
-            qs = blocks[:, 2:]
-            q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float() - 8.0
-            return (q * d).reshape(shape)
+            return out.sub_(8.0).mul_(d).reshape(shape)
         m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-        qs = blocks[:, 4:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
-        return (q * d + m).reshape(shape)
+        return out.mul_(d).add_(m).reshape(shape)
     # K-quants: the gguf package's reference dequantizers
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -150,8 +151,69 @@ def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
 
 
+# GGML tensor type ids (ggml.h) -> names; only SUPPORTED_QTYPES can be loaded, the rest are named in errors.
+GGML_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+# GGUF metadata value types -> struct format (8: string, 9: array are handled separately)
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Cursor:
+    """Sequential little-endian reads over the file's bytes."""
+
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise _Truncated
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise _Truncated
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if item_type in _NUMPY:
+                dt = np.dtype(_NUMPY[item_type])
+                end = self.pos + count * dt.itemsize
+                if end > len(self.buf):
+                    raise _Truncated
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos = end
+                return arr.tolist()
+            return [self.value(item_type) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
 class GGUFFile:
-    """A parsed GGUF file: `.metadata` (plain Python values) and `.tensors` (HF names)."""
+    """A parsed GGUF file: `.metadata` (plain Python values) and tensors with HF names.
+
+    Layout: magic 'GGUF', version, tensor count, metadata count, metadata key/values, tensor infos
+    (name, dims, type, offset), then the aligned data block, memory-mapped here.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -161,55 +223,75 @@ class GGUFFile:
             magic = f.read(4)
         if magic != b"GGUF":
             raise CheckpointError(f"{self.path}: not a GGUF file (bad magic {magic!r}, expected b'GGUF')")
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
-            from gguf import GGUFReader
+            self._parse(memoryview(self._data))
+        except _Truncated:
+            raise CheckpointError(f"{self.path}: truncated GGUF file (header ends early)") from None
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.path}: corrupt GGUF file: {exc}") from None
 
-            self._reader = GGUFReader(str(self.path), "r")
-        except Exception as exc:  # the reader raises ValueError, IndexError, struct/numpy errors
-            raise CheckpointError(f"{self.path}: corrupt or truncated GGUF file: {exc}") from None
-        self.metadata = self._read_metadata()
-
-    def _read_metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {}
-        for key, fld in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                meta[key] = fld.contents()
-            except Exception as exc:
-                raise CheckpointError(f"{self.path}: cannot read metadata field {key!r}: {exc}") from None
-        return meta
+    def _parse(self, buf: memoryview) -> None:
+        cur = _Cursor(buf)
+        cur.pos = 4
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version} (expected 2 or 3)")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise ValueError(f"implausible counts ({n_tensors} tensors, {n_kv} metadata entries)")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.unpack("<I")
+            if n_dims > 4:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            dims = [cur.unpack("<Q") for _ in range(n_dims)]
+            ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
+            infos.append((name, dims, GGML_TYPES.get(ggml_type, f"type {ggml_type}"), offset))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        start = -(-cur.pos // alignment) * alignment
+        self._infos = [(name, tuple(reversed(dims)), qtype, start + off) for name, dims, qtype, off in infos]
 
     def config(self) -> ModelConfig:
         """ModelConfig from the GGUF metadata."""
         return config_from_gguf_metadata(self.metadata, self.tensor_names(), source=str(self.path))
 
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self._reader.tensors]
+        return [info[0] for info in self._infos]
 
     def tensors(self, config: ModelConfig) -> dict[str, GGUFTensor]:
-        """All model tensors keyed by HF name, validated against the file size."""
+        """All model tensors keyed by HF name (HF orientation: out_features first), checked against the file."""
         arch = self.metadata.get("general.architecture")
         out: dict[str, GGUFTensor] = {}
-        for t in self._reader.tensors:
-            qtype = t.tensor_type.name
-            hf = hf_tensor_name(t.name)
+        for name, shape, qtype, offset in self._infos:
+            hf = hf_tensor_name(name)
             if hf is None:
-                if t.name == "rope_freqs.weight":
+                if name == "rope_freqs.weight":
                     raise UnsupportedModelError(f"{self.path}: GGUF rope_freqs tensors are not supported")
                 continue
             if qtype not in SUPPORTED_QTYPES:
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name!r} uses quantization {qtype}, "
+                    f"{self.path}: tensor {name!r} uses quantization {qtype}, "
                     f"which is not supported (supported: {', '.join(SUPPORTED_QTYPES)})"
                 )
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            raw = t.data
-            expected = _nbytes(qtype, int(np.prod(shape)))
-            if raw.nbytes != expected:
+            numel = int(np.prod(shape))
+            per_block = _BLOCK_BYTES.get(qtype, (1, 0))[0]
+            if shape and shape[-1] % per_block:
+                raise CheckpointError(f"{self.path}: tensor {name!r} row length {shape[-1]} is not a multiple of the {qtype} block")
+            nbytes = _nbytes(qtype, numel)
+            if offset + nbytes > len(self._data):
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name!r} is truncated ({raw.nbytes} of {expected} bytes)"
+                    f"{self.path}: tensor {name!r} is truncated (needs bytes {offset}..{offset + nbytes}, "
+                    f"file has {len(self._data)})"
                 )
+            raw = self._data[offset : offset + nbytes]
+            if qtype in _BLOCK_BYTES:
+                raw = raw.reshape(shape[0] if len(shape) > 1 else 1, -1)
             heads = None
             if arch in ("llama", "mistral"):
                 if hf.endswith("q_proj.weight") or hf.endswith("q_proj.bias"):
