@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import leanformers
 
-EXE = shutil.which("leanformers") or ""
+_BESIDE = Path(sys.executable).parent / "leanformers"  # the venv's script, also when the venv is not activated
+EXE = str(_BESIDE) if _BESIDE.is_file() else (shutil.which("leanformers") or "")
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
