@@ -199,6 +199,24 @@ class LanguageModel:
         self.quantization = scheme
         return self
 
+    def compile(self, *, cache_bucket: int | None = None, **opts: Any) -> "LanguageModel":
+        """Compile the one-token decode step (torch.compile; cached on disk), see leanformers.generation.compile.
+
+        Compiles now (or loads the step from the disk cache), not at the first request. cache_bucket:
+        KV-cache sizes are rounded up to a multiple of it so requests share one compiled graph (default
+        1024, or the context length if smaller); a longer request compiles one more graph. Other options
+        go to compile_decode (mode, cache_dir, batch_size, ...). Call after quantize(). If compiling is
+        impossible or fails, a warning says why and decoding stays eager.
+        """
+        from .generation.compile import DEFAULT_CACHE_LEN, compile_decode
+
+        bucket = cache_bucket or min(DEFAULT_CACHE_LEN, self.context_length)
+        opts.setdefault("cache_len", bucket)
+        fn = compile_decode(self.model, **opts)
+        if fn.failure is None:
+            self.decode_fn, self.cache_bucket = fn, bucket
+        return self
+
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"
         return f"LanguageModel({ref!r}, {self.config.model_type}, {self.dtype}, {self.device})"
@@ -214,6 +232,7 @@ def load(
     progress: bool | None = None,
     quantize: str | None = None,
     group_size: int = 32,
+    compile: bool = False,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
@@ -222,6 +241,7 @@ def load(
     quantize: None, "int8" or "int4" (weight-only, see leanformers.quantize; group_size for int4).
     With quantize, dtype is the activation dtype (default: bfloat16 on CPU, logged). GGUF Q4_0/Q4_1
     weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
+    compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -264,6 +284,8 @@ def load(
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
         lm.quantization = quantize
+    if compile:
+        lm.compile()
     return lm
 
 

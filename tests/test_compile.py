@@ -1,0 +1,148 @@
+"""Compiled decode: greedy parity with eager, no recompiles, eager fallback with a warning, disk cache reuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanformers
+from leanformers.generation.compile import CompiledDecode, compile_decode
+from leanformers.generation.decode import decode_step
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Once upon a time", "def add(a, b):\n    return a + b", "Hello world! Bonjour le monde."]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="module")
+def compiled_mistral(tiny_models, cache_dir):
+    """The tiny Mistral (GQA 4:1, head_dim 24, sliding window 5) loaded twice: eager and compiled."""
+    eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
+    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
+    lm.compile(cache_bucket=128, cache_dir=cache_dir, mode="default")
+    return eager, lm
+
+
+def _greedy(lm, prompt, n=20):
+    return lm.generate(prompt, max_new_tokens=n, ignore_eos=True).token_ids
+
+
+def test_compiled_greedy_equals_eager(compiled_mistral):
+    eager, lm = compiled_mistral
+    fn = lm.decode_fn
+    assert isinstance(fn, CompiledDecode) and fn.is_compiled and fn.failure is None
+    assert lm.cache_bucket == 128
+    for prompt in PROMPTS:  # different lengths, crossing the sliding window, one graph
+        assert _greedy(lm, prompt) == _greedy(eager, prompt)
+    assert len(fn.graphs) == 1 and not fn.eager, (fn.info, fn.eager)
+
+
+def test_compiled_padded_batch_equals_eager(compiled_mistral):
+    eager, lm = compiled_mistral  # left padding: a key mask goes into the compiled step (its own graph)
+    a = [r.token_ids for r in lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)]
+    b = [r.token_ids for r in eager.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)]
+    assert a == b
+    assert not lm.decode_fn.eager and len(lm.decode_fn.graphs) == 2
+
+
+def test_compiled_logits_close_to_eager(compiled_mistral):
+    eager, lm = compiled_mistral
+    ids = lm.tokenizer.encode(PROMPTS[1])
+    a = lm.generate(ids, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    b = eager.generate(ids, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    assert a.token_ids == b.token_ids
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_disk_cache_populated_and_reused_by_a_second_process(compiled_mistral, tiny_models, cache_dir):
+    eager, lm = compiled_mistral
+    saved = list((cache_dir / "decode").glob("*.bin"))
+    assert saved, "the compiled step was not saved"
+    assert (cache_dir / "env.json").is_file()
+    assert any(p.is_dir() and p.name not in ("decode",) for p in cache_dir.iterdir())  # Inductor's own caches
+    script = f"""
+import json, time, torch
+import leanformers
+lm = leanformers.load({str(tiny_models["mistral"])!r}, dtype="float32", progress=False)
+t = time.perf_counter()
+lm.compile(cache_bucket=128, cache_dir={str(cache_dir)!r}, mode="default")
+dt = time.perf_counter() - t
+out = lm.generate({PROMPTS[0]!r}, max_new_tokens=20, ignore_eos=True).token_ids
+print(json.dumps({{"info": [v for v in lm.decode_fn.info.values()], "seconds": dt, "tokens": out}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [i["how"] for i in result["info"]] == ["loaded"], result
+    assert result["tokens"] == _greedy(eager, PROMPTS[0])
+
+
+def test_no_recompiles_across_steps_and_requests(tiny_models, cache_dir):
+    """torch.compile path (no precompile): Dynamo compiles once; later steps and requests reuse it."""
+    from torch._dynamo.utils import counters
+
+    lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    eager = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    lm.compile(cache_bucket=128, cache_dir=cache_dir, mode="default", precompile=False)
+    fn = lm.decode_fn
+    assert fn.is_compiled and [i["how"] for i in fn.info.values()] == ["jit"]
+    graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
+    for prompt in PROMPTS:
+        assert _greedy(lm, prompt, 16) == _greedy(eager, prompt, 16)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["frames"]) == frames  # no new frame compiled (a recompile would add one)
+    assert len(fn.graphs) == 1 and not fn.eager
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("backend exploded on purpose")
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_models, caplog):
+    lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    expected = _greedy(lm, PROMPTS[0])
+    with caplog.at_level(logging.WARNING, logger="leanformers.compile"):
+        fn = compile_decode(lm.model, backend=_failing_backend, cache_len=128)
+    assert fn.failure and "backend exploded on purpose" in fn.failure
+    assert any("decoding eagerly" in r.message and "backend exploded" in r.getMessage() for r in caplog.records)
+    lm.decode_fn, lm.cache_bucket = fn, 128
+    assert _greedy(lm, PROMPTS[0]) == expected  # eager, same answer
+
+
+def test_no_compiler_means_eager_with_a_warning(tiny_models, caplog, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    lm = leanformers.load(str(tiny_models["smollm2"]), dtype="float32", progress=False)
+    with caplog.at_level(logging.WARNING, logger="leanformers.compile"):
+        lm.compile(cache_bucket=128)
+    assert lm.decode_fn is None and lm.cache_bucket is None  # plain eager decoding
+    assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
+    assert lm.generate("Hello", max_new_tokens=4, ignore_eos=True).token_ids
+
+
+def test_a_different_model_is_decoded_eagerly(compiled_mistral, tiny_models):
+    eager, lm = compiled_mistral
+    other = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
+    token = torch.tensor([[3]])
+    cache = other.model.make_cache(1, 16)
+    with torch.inference_mode():
+        other.model(torch.tensor([[1, 2]]), cache=cache, cache_position=torch.arange(2))
+        a = lm.decode_fn(other.model, token, cache, torch.tensor([2]), torch.tensor([[2]]), None)
+        cache2 = other.model.make_cache(1, 16)
+        other.model(torch.tensor([[1, 2]]), cache=cache2, cache_position=torch.arange(2))
+        b = decode_step(other.model, token, cache2, torch.tensor([2]), torch.tensor([[2]]), None)
+    assert torch.equal(a, b)
