@@ -114,3 +114,16 @@ def test_bundled_model_generate_and_chat():
     assert "Paris" in r.stdout
     r = run("chat", "--max-new-tokens", "24", stdin="What is the capital of France?\n")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+
+
+def test_perplexity_command(tiny_models, tmp_path):
+    from leanformers.perplexity import perplexity
+
+    model = str(tiny_models["llama3"])
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("The quick brown fox jumps over the lazy dog. Once upon a time there was a model. " * 6)
+    r = run("perplexity", "-m", model, str(text_file), "--context", "32", "--stride", "16")
+    assert r.returncode == 0, r.stderr
+    expected = perplexity(leanformers.load(model, progress=False), text_file.read_text(), context=32, stride=16)
+    assert f"tokens: {expected.tokens}" in r.stdout and f"perplexity: {expected.ppl:.4f}" in r.stdout
+    assert_clean_error(run("perplexity", "-m", model, str(tmp_path / "missing.txt")), "missing.txt")

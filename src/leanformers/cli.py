@@ -211,10 +211,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from .perplexity import bundled_text, perplexity
+    from .perplexity import perplexity, perplexity_text
 
     if args.file is None:
-        text = bundled_text()
+        text = perplexity_text()
     else:
         try:
             with open(args.file, encoding="utf-8") as f:
