@@ -1,6 +1,6 @@
 """Speculative decoding on the bundled SmolLM2-135M-Instruct: plain vs prompt lookup vs self-drafts, and transformers.
 
-    python bench/bench_speculative.py                       # fp32 + bf16 eager, transformers fp32; 256 tokens
+    python bench/bench_speculative.py --threads 1           # fp32, bf16, int4 eager; transformers fp32; 256 tokens
     python bench/bench_speculative.py --max-new-tokens 64 --modes fp32 --no-hf    # quick
 
 Prompts: bench/prompts/grounded/*.txt (the answer copies from the input: rename a variable, copy and extend
@@ -99,7 +99,8 @@ def hf_rows(model, assistant, tok, ids, max_new, eos):
         if base is None:
             base = new
         rows.append(dict(library="transformers", mode="fp32", config=name, tokens=len(new), wall_s=wall,
-                         prefill_s=prefill, decode_s=max(wall - prefill, 1e-9), same=new == base, drafted=None, accepted=None, target_forwards=None,
+                         prefill_s=prefill, decode_s=max(wall - prefill, 1e-9), same=new == base, drafted=None,
+                         accepted=None, target_forwards=None,
                          draft_forwards=None, token_ids=new))
     return rows
 
@@ -134,11 +135,13 @@ def summarize(rows):
 
 def table(groups) -> str:
     lines = ["| group | library | mode | config | tokens | decode tok/s | vs plain | end-to-end tok/s | vs plain | "
-             "same tokens | acceptance | tokens/target fwd |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for (lib, mode, config, group), g in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0] != "leanformers",
-                                                                                 kv[0][1], kv[0][2] != "plain")):
-        acc = f"{g['acceptance']:.2f}" if g["acceptance"] is not None else ("n/a" if lib == "transformers" else "-")
-        tpf = f"{g['tokens_per_forward']:.2f}" if g["tokens_per_forward"] else ("n/a" if lib == "transformers" else "1.00")
+             "same tokens | acceptance | tokens/target fwd |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    order = sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0] != "leanformers", kv[0][1], kv[0][2] != "plain"))
+    for (lib, mode, config, group), g in order:
+        na = "n/a" if lib == "transformers" else None
+        acc = f"{g['acceptance']:.2f}" if g["acceptance"] is not None else (na or "-")
+        tpf = f"{g['tokens_per_forward']:.2f}" if g["tokens_per_forward"] else (na or "1.00")
         sp = f"{g['speedup']:.2f}x" if g["speedup"] else "-"
         dsp = f"{g['decode_speedup']:.2f}x" if g["decode_speedup"] else "-"
         lines.append(f"| {group} | {lib} | {mode} | {config} | {g['tokens']} | {g['decode_tok_s']:.1f} | {dsp} | "
@@ -149,7 +152,8 @@ def table(groups) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16, compiled-fp32, compiled-bf16")
+    ap.add_argument("--modes", default="fp32,bf16,int4",
+                    help="comma list of fp32, bf16, int4 (load(quantize='int4')), compiled-fp32, compiled-bf16")
     ap.add_argument("--drafts", default="prompt-lookup,self-int4,self-int8")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -165,7 +169,8 @@ def main() -> None:
     drafts = [d for d in args.drafts.split(",") if d]
     for mode in [m for m in args.modes.split(",") if m]:
         dtype = "bfloat16" if mode.endswith("bf16") else "float32"
-        lm = leanformers.load(str(path), dtype=dtype, progress=False)
+        quantize = "int4" if mode.endswith("int4") else None  # GGUF Q4_1 weights mapped exactly, bf16 activations
+        lm = leanformers.load(str(path), dtype=None if quantize else dtype, quantize=quantize, progress=False)
         if mode.startswith("compiled"):
             if not hasattr(lm, "compile"):
                 print(f"skipping {mode}: LanguageModel.compile is not available", file=sys.stderr)
@@ -173,13 +178,14 @@ def main() -> None:
             lm.compile()
         t0 = time.perf_counter()
         for d in drafts:
-            if d.startswith("self-"):
+            if d.startswith("self-") and not quantize:
                 from leanformers.generation.speculative import self_draft
 
                 self_draft(lm, d.removeprefix("self-"))  # built once per model, not timed per request
         build_s = time.perf_counter() - t0
         print(f"[{mode}] self-drafts built in {build_s:.1f}s", file=sys.stderr)
-        configs = [("plain", None)] + [(d, d) for d in drafts]
+        mode_drafts = [d for d in drafts if not (quantize and d.startswith("self-"))]  # already quantized
+        configs = [("plain", None)] + [(d, d) for d in mode_drafts]
         # warm-up (first-call allocations, kernel selection)
         warm = lm.tokenizer.encode("Hello", add_special_tokens=False)
         for _, d in configs:

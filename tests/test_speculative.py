@@ -138,7 +138,7 @@ def test_logprobs_match_plain(target, other):
 
 
 # ------------------------------------------------------------------------------------- self-int4
-def test_self_int4(tiny_models, caplog):
+def test_self_int4(tiny_models):
     lm = _load(tiny_models["llama3"])  # dims divisible by the int4 group size 32
     from leanformers.quantize import int4_backend
 
@@ -379,7 +379,8 @@ def test_draft_cache_rollback(target, other):
         assert again == expected
         # all accepted + bonus: the drafter catches up with two unseen tokens
         seq2 = seq + again + [3]
-        assert d.propose(seq2, lambda _: 3, params, None, False)[0] == fresh.propose(seq2, lambda _: 3, params, None, False)[0]
+        got = d.propose(seq2, lambda _: 3, params, None, False)[0]
+        assert got == fresh.propose(seq2, lambda _: 3, params, None, False)[0]
 
 
 def test_prompt_lookup_proposals():

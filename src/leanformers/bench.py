@@ -4,14 +4,16 @@
     leanformers bench --modes eager-fp32,int4 --runs 5 --json out.json
     leanformers bench --quick -m TINY_MODEL_DIR     # a smoke test (CI)
 
-Per mode (see MODES), two fresh processes run one after the other:
-  cold  the first process: time to first token (TTFT, from process start: imports + load + compile +
+Every measurement runs in a fresh process:
+  cold  one process per mode: time to first token (TTFT, from process start: imports + load + compile +
         prefill + first token; compiled modes start from an empty compile cache) and the greedy
         answer to the chat prompt "What is the capital of France?" (first 10 tokens, EOS respected);
-  warm  a second process (compiled modes reuse the first one's compile cache): TTFT again, then a
-        warm-up and `runs` timed runs of decode (greedy, `new_tokens` tokens, EOS ignored; prefill
-        excluded) and prefill (a `prefill_tokens`-token prompt); medians are reported, and the peak
-        RSS of that process.
+  warm  then `runs` rounds over all modes, one process per mode and round (compiled modes reuse the
+        cold process's compile cache): TTFT again, a warm-up, and one timed decode (greedy,
+        `new_tokens` tokens, EOS ignored; prefill excluded) and prefill (a `prefill_tokens`-token
+        prompt). Medians over the rounds are reported, and the largest peak RSS (VmHWM) of a warm
+        process. Rounds interleave the modes in time, so on a shared machine a busy spell hits every
+        mode alike.
 Every library gets the same prompt token ids (rendered and tokenized once by leanformers).
 Ratios are decode tok/s over transformers float32's and over llama.cpp's.
 """
@@ -140,45 +142,72 @@ def run_bench(
     base_env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     src = str(Path(__file__).resolve().parent.parent)
     base_env["PYTHONPATH"] = src + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
-    for mode in modes:
-        spec = dict(MODES[mode], mode=mode, threads=threads, runs=runs, new_tokens=new_tokens,
-                    answer_tokens=ANSWER_TOKENS, **prompts)
-        row: dict[str, Any] = {"mode": mode, "lib": spec["lib"]}
-        skip = None
-        if spec["lib"] != "leanformers" and not _available(spec["lib"]):
-            skip = f"{spec['lib']} is not installed"
-        elif spec["lib"] == "llama_cpp" and prompts["kind"] != "gguf":
-            skip = "llama.cpp needs a .gguf model"
-        if skip:
-            row["error"] = f"skipped: {skip}"
-            log(f"[bench] {mode}: {row['error']}")
+    active: list[tuple[dict[str, Any], dict[str, Any], dict[str, str]]] = []  # (row, spec, env)
+    caches: list[str] = []
+    try:
+        # cold: one process per mode, an empty compile cache
+        for mode in modes:
+            spec = dict(MODES[mode], mode=mode, threads=threads, runs=1, new_tokens=new_tokens,
+                        answer_tokens=ANSWER_TOKENS, **prompts)
+            row: dict[str, Any] = {"mode": mode, "lib": spec["lib"]}
             rows.append(row)
-            continue
-        cache = tempfile.mkdtemp(prefix="lf-bench-cache-")
-        env = dict(base_env, LEANFORMERS_CACHE=cache)
-        try:
+            skip = None
+            if spec["lib"] != "leanformers" and not _available(spec["lib"]):
+                skip = f"{spec['lib']} is not installed"
+            elif spec["lib"] == "llama_cpp" and prompts["kind"] != "gguf":
+                skip = "llama.cpp needs a .gguf model"
+            if skip:
+                row["error"] = f"skipped: {skip}"
+                log(f"[bench] {mode}: {row['error']}")
+                continue
+            caches.append(tempfile.mkdtemp(prefix="lf-bench-cache-"))
+            env = dict(base_env, LEANFORMERS_CACHE=caches[-1])
             log(f"[bench] {mode}: cold process ...")
             cold = _spawn(dict(spec, phase="cold"), env, timeout)
             if "error" in cold:
                 row["error"] = cold["error"]
-            else:
-                log(f"[bench] {mode}: warm process ...")
+                log(f"[bench] {mode}: {row['error']}")
+                continue
+            ids = cold.get("answer_ids") or []
+            row.update(ttft_cold_s=cold.get("ttft_s"), peak_rss_cold_mb=cold.get("peak_rss_mb"), answer_ids=ids,
+                       answer=tokenizer.decode([i for i in ids if i not in prompts["eos"]]).strip())
+            for key in ("dtype", "compiled", "compile_info"):
+                if key in cold:
+                    row[f"cold_{key}" if key == "compile_info" else key] = cold[key]
+            log(f"[bench] {mode}: TTFT cold {row['ttft_cold_s']} s, answer {row['answer']!r}")
+            active.append((row, spec, env))
+        # warm: `runs` rounds over the modes, one process per mode and round (interleaved in time, so a
+        # busy spell on a shared machine hits every mode alike rather than one of them)
+        samples: dict[str, dict[str, list]] = {row["mode"]: {} for row, _, _ in active}
+        for r in range(runs):
+            for row, spec, env in active:
+                log(f"[bench] {row['mode']}: warm process {r + 1}/{runs} ...")
                 warm = _spawn(dict(spec, phase="warm"), env, timeout)
-                row.update({k: v for k, v in warm.items() if k not in ("answer_ids",)})
-                row["ttft_cold_s"] = cold.get("ttft_s")
-                row["ttft_warm_s"] = warm.get("ttft_s")
-                row["peak_rss_cold_mb"] = cold.get("peak_rss_mb")
-                ids = cold.get("answer_ids") or []
-                row["answer_ids"] = ids
-                row["answer"] = tokenizer.decode([i for i in ids if i not in prompts["eos"]]).strip()
-                row.pop("ttft_s", None)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-        log(f"[bench] {mode}: " + (row.get("error") or
-            f"decode {row.get('decode_tok_s')} tok/s, prefill {row.get('prefill_tok_s')} tok/s, "
-            f"TTFT {row.get('ttft_cold_s')}/{row.get('ttft_warm_s')} s, RSS {row.get('peak_rss_mb')} MB, "
-            f"answer {row.get('answer')!r}"))
-        rows.append(row)
+                if "error" in warm:
+                    samples[row["mode"]].setdefault("errors", []).append(warm["error"])
+                    log(f"[bench] {row['mode']}: {warm['error']}")
+                    continue
+                for key in ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mb"):
+                    samples[row["mode"]].setdefault(key, []).append(warm[key])
+                for key in ("compile_info", "eager_fallbacks"):
+                    if key in warm:
+                        row[key] = warm[key]
+        for row, _, _ in active:
+            got = samples[row["mode"]]
+            if not got.get("decode_tok_s"):
+                row["error"] = "; ".join(got.get("errors", ["no warm run"]))[:300]
+                continue
+            row.update(decode_tok_s=_median(got["decode_tok_s"]), prefill_tok_s=_median(got["prefill_tok_s"]),
+                       ttft_warm_s=_median(got["ttft_s"]), peak_rss_mb=max(got["peak_rss_mb"]),
+                       decode_runs=got["decode_tok_s"], prefill_runs=got["prefill_tok_s"],
+                       ttft_warm_runs=got["ttft_s"])
+            if got.get("errors"):
+                row["warm_errors"] = got["errors"]
+            log(f"[bench] {row['mode']}: decode {row['decode_tok_s']} tok/s, prefill {row['prefill_tok_s']} tok/s, "
+                f"TTFT {row.get('ttft_cold_s')}/{row['ttft_warm_s']} s, RSS {row['peak_rss_mb']} MB")
+    finally:
+        for c in caches:
+            shutil.rmtree(c, ignore_errors=True)
     _ratios(rows)
     import torch
 
