@@ -246,6 +246,11 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perpl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own options: hand them over untouched
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
