@@ -1,6 +1,6 @@
 """Speculative decoding on the bundled SmolLM2-135M-Instruct: plain vs prompt lookup vs self-drafts, and transformers.
 
-    python bench/bench_speculative.py --threads 1           # fp32, bf16, int4 eager; transformers fp32; 256 tokens
+    python bench/bench_speculative.py --threads 1    # fp32, bf16, int4 eager + compiled fp32; transformers fp32
     python bench/bench_speculative.py --max-new-tokens 64 --modes fp32 --no-hf    # quick
 
 Prompts: bench/prompts/grounded/*.txt (the answer copies from the input: rename a variable, copy and extend
@@ -9,8 +9,9 @@ a passage, answer with quotes, fix a bug, convert a list to JSON) and bench/prom
 same prompt produce the same tokens when they are identical: the `same` column checks token ids against
 plain decoding of the same library and mode).
 
-Every row of one prompt runs back to back (plain first), so load changes on a shared machine hit all
-rows of that prompt alike. Per group of prompts: decode tok/s = (new tokens - 1 per prompt) / time after
+All models are loaded (and compiled, self-drafts built, warmed up) first; then each prompt runs through
+every mode and library back to back (plain first), so load changes on a shared machine hit all rows of
+that prompt alike. Per group of prompts: decode tok/s = (new tokens - 1 per prompt) / time after
 the target's prefill (leanformers: the run's own prefill time; a draft model's prefill counts as decode;
 transformers: wall time minus a separately timed 1-token generation), and end-to-end tok/s = new tokens /
 wall time (prefill included). Speedups are against plain decoding of the same library and mode.
@@ -20,7 +21,7 @@ transformers rows: its own prompt lookup (`prompt_lookup_num_tokens=10`) and ass
 smallest model with this tokenizer that is available offline, so it drafts for itself: this shows the
 machinery's overhead, not a useful speedup).
 
-Writes bench/results/speculative.json and prints a Markdown table.
+Writes bench/results/speculative.json and .md (the Markdown table).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def table(groups) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--modes", default="fp32,bf16,int4",
+    ap.add_argument("--modes", default="fp32,bf16,int4,compiled-fp32",
                     help="comma list of fp32, bf16, int4 (load(quantize='int4')), compiled-fp32, compiled-bf16")
     ap.add_argument("--drafts", default="prompt-lookup,self-int4,self-int8")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -167,40 +168,45 @@ def main() -> None:
     path = gguf_path()
     rows: list[dict] = []
     drafts = [d for d in args.drafts.split(",") if d]
+    runners = []  # (label, run(group, name, text) -> rows): every prompt runs through all of them in turn
+
+    # ---- set up every leanformers mode (and transformers) first, then interleave them prompt by prompt
     for mode in [m for m in args.modes.split(",") if m]:
         dtype = "bfloat16" if mode.endswith("bf16") else "float32"
         quantize = "int4" if mode.endswith("int4") else None  # GGUF Q4_1 weights mapped exactly, bf16 activations
         lm = leanformers.load(str(path), dtype=None if quantize else dtype, quantize=quantize, progress=False)
         if mode.startswith("compiled"):
-            if not hasattr(lm, "compile"):
-                print(f"skipping {mode}: LanguageModel.compile is not available", file=sys.stderr)
-                continue
+            t0 = time.perf_counter()
             lm.compile()
+            if lm.decode_fn is None:
+                print(f"skipping {mode}: compilation is not available here", file=sys.stderr)
+                continue
+            print(f"[{mode}] compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        mode_drafts = [d for d in drafts if not (quantize and d.startswith("self-"))]  # already quantized
         t0 = time.perf_counter()
-        for d in drafts:
-            if d.startswith("self-") and not quantize:
+        for d in mode_drafts:
+            if d.startswith("self-"):
                 from leanformers.generation.speculative import self_draft
 
                 self_draft(lm, d.removeprefix("self-"))  # built once per model, not timed per request
-        build_s = time.perf_counter() - t0
-        print(f"[{mode}] self-drafts built in {build_s:.1f}s", file=sys.stderr)
-        mode_drafts = [d for d in drafts if not (quantize and d.startswith("self-"))]  # already quantized
+        print(f"[{mode}] self-drafts built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         configs = [("plain", None)] + [(d, d) for d in mode_drafts]
-        # warm-up (first-call allocations, kernel selection)
-        warm = lm.tokenizer.encode("Hello", add_special_tokens=False)
-        for _, d in configs:
-            lm.generate(warm, max_new_tokens=4, draft=d)
-        for group, name, text in prompts:
+        warm = lm.tokenizer.encode("Hello, how are you? Hello, how", add_special_tokens=False)
+        t0 = time.perf_counter()
+        for _, d in configs:  # warm-up: first-call allocations, kernel selection, compiling a draft's step
+            lm.generate(warm, max_new_tokens=8, draft=d)
+        print(f"[{mode}] warm-up {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+        def run_lf(group, name, text, lm=lm, configs=configs, mode=mode):
             ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                                        add_generation_prompt=True),
                                       add_special_tokens=False)
-            for r in lf_rows(lm, ids, args.max_new_tokens, configs, mode):
-                r.update(group=group, prompt=name, prompt_tokens=len(ids))
-                rows.append(r)
-                print(f"[{mode}] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
-                      f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']} "
-                      f"acc={r['accepted']}/{r['drafted']}", file=sys.stderr)
-        del lm
+            out = lf_rows(lm, ids, args.max_new_tokens, configs, mode)
+            for r in out:
+                r.update(prompt_tokens=len(ids))
+            return out
+
+        runners.append((mode, run_lf))
     if not args.no_hf:
         import transformers
 
@@ -209,25 +215,37 @@ def main() -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
         assistant = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
-        hf_rows(model, assistant, tok, warm, 4, eos)
-        for group, name, text in prompts:
+        hf_rows(model, assistant, tok, tok("Hello, how are you? Hello, how").input_ids, 8, eos)
+
+        def run_hf(group, name, text):
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
+            if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             ids = list(ids)
-            for r in hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos):
-                r.update(group=group, prompt=name, prompt_tokens=len(ids))
+            out = hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos)
+            for r in out:
+                r.update(prompt_tokens=len(ids))
+            return out
+
+        runners.append(("hf", run_hf))
+
+    # ---- the measurements: per prompt, every mode and library back to back
+    for group, name, text in prompts:
+        load = os.getloadavg()[0]
+        for label, run in runners:
+            for r in run(group, name, text):
+                r.update(group=group, prompt=name, load_average=load)
                 rows.append(r)
-                print(f"[hf] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
-                      f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']}", file=sys.stderr)
-        # cross-library check: leanformers fp32 plain vs transformers plain
-        lf = {r["prompt"]: r["token_ids"] for r in rows if r["library"] == "leanformers" and r["mode"] == "fp32"
-              and r["config"] == "plain"}
-        for r in rows:
-            if r["library"] == "transformers" and r["config"] == "plain" and r["prompt"] in lf:
-                r["same_as_leanformers_fp32"] = r["token_ids"] == lf[r["prompt"]]
+                print(f"[{label}] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
+                      f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']} "
+                      f"acc={r['accepted']}/{r['drafted']}", file=sys.stderr)
+    # cross-library check: leanformers fp32 plain vs transformers plain
+    lf = {r["prompt"]: r["token_ids"] for r in rows if r["library"] == "leanformers" and r["mode"] == "fp32"
+          and r["config"] == "plain"}
+    for r in rows:
+        if r["library"] == "transformers" and r["config"] == "plain" and r["prompt"] in lf:
+            r["same_as_leanformers_fp32"] = r["token_ids"] == lf[r["prompt"]]
     groups = summarize(rows)
     md = table(groups)
     print(md)
@@ -242,7 +260,12 @@ def main() -> None:
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
+    m = info["machine"]
+    Path(args.out).with_suffix(".md").write_text(
+        f"# Speculative decoding, {path.name}, greedy, up to {args.max_new_tokens} new tokens\n\n"
+        f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} thread(s); "
+        f"load average at the end {m['load_average'][0]:.2f}. Generated by bench/bench_speculative.py.\n\n{md}\n")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

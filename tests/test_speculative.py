@@ -201,6 +201,27 @@ def test_decode_fn_is_used_on_both_sides(tiny_models):
     assert calls["target"] == 1
 
 
+def test_compiled_step_shares_the_plain_graph(tiny_models):
+    """With a compiled decode step (backend "eager": fast to build), speculation's one-token steps reuse the
+    graph plain decoding compiled (same shapes, strides and tensor kinds) instead of compiling another."""
+    lm, dlm = _load(tiny_models["smollm2"]), _load(tiny_models["llama3"])
+    twin = _load(tiny_models["smollm2"])  # as expensive as the target: adaptive k soon takes one-token steps
+    for m in (lm, dlm):
+        m.compile(backend="eager", cache_bucket=128)
+        assert m.decode_fn is not None
+    ids = lm.tokenizer.encode(PROMPTS[0])
+    plain = _plain(lm, ids, 24)
+    _plain(dlm, ids, 4)
+    graphs = {m: set(m.decode_fn.graphs) for m in (lm, dlm)}
+    assert all(graphs.values())
+    spec = _plain(lm, ids, 24, draft=twin)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats["target_forwards"] > spec.stats["rounds"] + 1  # one-token steps went through lm.decode_fn
+    spec = _plain(lm, ids, 24, draft=dlm, num_draft_tokens=3)  # draft steps go through dlm.decode_fn
+    assert spec.token_ids == plain.token_ids
+    assert all(set(m.decode_fn.graphs) == graphs[m] for m in (lm, dlm))
+
+
 # ------------------------------------------------------------------------------------- stats, limits, stopping
 def test_stats_consistent(target, other):
     ids = target.tokenizer.encode(PROMPTS[1])

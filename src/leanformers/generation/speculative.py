@@ -172,7 +172,9 @@ class ModelDrafter:
         if self.cache_bucket:
             size = -(-max_len // self.cache_bucket) * self.cache_bucket
             max_len = min(size, max(max_len, self.context_length or size))
-        self.cache = self.model.make_cache(1, max_len)
+        with torch.inference_mode(False):  # as the plain loop makes them, so a compiled step shares its graph
+            self.cache = self.model.make_cache(1, max_len)
+            self.positions = torch.arange(max_len, device=self.device).unsqueeze(0)
         self.fed: list[int] = []  # tokens whose K/V sit in slots 0 .. len-1 of the draft cache
         self.prefill_chunk = prefill_chunk
         self.forwards = 0
@@ -184,7 +186,7 @@ class ModelDrafter:
             for j, t in enumerate(tokens):  # the (compiled) one-token step, one token at a time
                 slot = torch.tensor([start + j], device=dev)
                 logits = self.decode_fn(self.model, torch.tensor([[t]], device=dev), self.cache, slot,
-                                        slot.unsqueeze(0), None)[0]
+                                        self.positions[:, start + j:start + j + 1], None)[0]
                 self.forwards += 1
             return logits
         chunk = self.prefill_chunk
@@ -313,7 +315,9 @@ class SpeculativeSteps:
             else next(model.parameters()).device
         L = len(self.prompt)
         max_len = max(L + self.max_new_tokens, self.cache_len or 0)
-        cache = model.make_cache(1, max_len)
+        with torch.inference_mode(False):  # normal tensors, as the plain loop makes them: same compiled graph
+            cache = model.make_cache(1, max_len)
+            positions = torch.arange(max_len, device=device).unsqueeze(0)  # (1, max_len), as decode.Batch has it
         generator = params.make_generator(device)
         need_hist = bool(params.repetition_penalty)
         seq = list(self.prompt)
@@ -352,7 +356,9 @@ class SpeculativeSteps:
             inp = torch.tensor([[seq[-1], *draft]], device=device)
             slots = torch.arange(pos, pos + n + 1, device=device)
             if n == 0 and self.decode_fn is not None:
-                out = self.decode_fn(model, inp, cache, slots, slots.unsqueeze(0), None)  # (1, V)
+                # the (compiled) one-token step, with inputs shaped and strided as the plain loop's (one graph)
+                out = self.decode_fn(model, inp, cache, torch.tensor([pos], device=device),
+                                     positions[:, pos:pos + 1], None)  # (1, V)
             else:
                 out = model(inp, cache=cache, cache_position=slots)[0]  # (n + 1, V)
             self.target_forwards += 1
