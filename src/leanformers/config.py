@@ -27,7 +27,7 @@ MODEL_TYPE_FAMILY = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
-# Keys that change the math of the model; if present with a non-default value we must honour or refuse.
+# Keys config.json must give: without them the model's shape is unknown.
 _REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
@@ -158,10 +158,6 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
         return cls.from_dict(data, source=str(path))
 
-    def to_dict(self) -> dict[str, Any]:
-        """HF-style dict (derived fields left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
-
     # ------------------------------------------------------------------ helpers
     @property
     def rope_type(self) -> str:
@@ -181,21 +177,6 @@ class ModelConfig:
         if eos is None:
             return []
         return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
-
-    def num_parameters(self) -> int:
-        """Parameter count implied by the config (tied embeddings counted once)."""
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h
-        if self.qkv_bias:
-            attn += q + 2 * kv
-        if self.o_bias:
-            attn += h
-        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
-        head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_hidden_layers * per_layer + h + head
 
 
 def _rope_from_dict(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:

@@ -34,12 +34,6 @@ class KVCache:
         v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
         return k_buf, v_buf
 
-    def reorder_rows(self, rows: torch.Tensor) -> None:
-        """Keep only / reorder batch rows (e.g. drop finished sequences)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        self.batch_size = int(rows.numel())
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
