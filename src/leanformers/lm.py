@@ -190,10 +190,13 @@ class LanguageModel:
     ) -> "LanguageModel":
         """Weight-only quantization in place ("int8" or "int4"), see leanformers.quantize.quantize_model.
 
-        Call fuse_projections() before, and compile (if any) after: a compiled step is not updated.
+        Call compile() (if wanted) after: a compiled step of the unquantized model is dropped.
         """
         from .quantize import quantize_model
 
+        if self.decode_fn is not None:
+            logger.warning("leanformers: quantize() drops the compiled decode step; call compile() again")
+            self.decode_fn = None
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
         self.quantization = scheme

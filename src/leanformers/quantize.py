@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError, UnsupportedModelError
+from .models.ops import gemv, rowwise
 
 logger = logging.getLogger(__name__)
 
@@ -309,6 +310,8 @@ class Int8Linear(nn.Module):
         if x.device.type != self._device_type:
             self._device_type = x.device.type
             self._backend = int8_backend(x.device, self.dtype)[0]
+        if rowwise(x):  # compiled CPU decode step: one streaming loop with the int8->float cast fused
+            return gemv(x, self.weight, self.bias, self.weight_scale, self.dtype)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.dtype:

@@ -445,6 +445,10 @@ class CompiledDecode:
         return folder / f"{key}.bin"
 
     def _done(self, sig: tuple, fn, how: str, t0: float) -> None:
+        if how != "jit" and hasattr(fn, "disable_guard_check"):
+            # Dynamo's guards passed on this first call; later calls with the same signature (our
+            # own key: shapes, strides, dtypes, same model) skip them: ~1 ms per SmolLM2 step here.
+            fn.disable_guard_check()
         self.graphs[sig] = fn
         self.info[sig] = {"how": how, "seconds": round(time.perf_counter() - t0, 2)}
         log.info("decode step ready (%s in %.1fs): batch %d, cache %d", how, self.info[sig]["seconds"], sig[-1], sig[-2])
@@ -508,6 +512,8 @@ def compile_decode(
             from torch._inductor import list_mode_options
 
             options = dict(list_mode_options(mode))
+            if device.type == "cpu":  # the step's inputs are checked by signature(): no per-call asserts
+                options.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
             cudagraphs = bool(options.get("triton.cudagraphs")) and device.type == "cuda"
             if freezing:
                 options["freezing"] = True

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..generation.kv_cache import KVCache
+from .ops import decode_attention, linear, rowwise
 
 
 # ---------------------------------------------------------------------------------------- rope
@@ -100,11 +101,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
+            qkv = linear(self.qkv_proj, x)
             q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -113,7 +114,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, cache_position, k, v)  # (B, n_kv_heads, S, head_dim)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if mask is None:
+        if mask is not None and T == 1 and rowwise(x):  # compiled CPU decode step
+            out = decode_attention(q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_heads != self.n_heads)
         elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # torch's CPU flash kernel takes ~1 us per key for ONE bfloat16 query (5x float32's time,
@@ -123,7 +126,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return linear(self.o_proj, out)
 
 
 class MLP(nn.Module):
@@ -137,10 +140,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -231,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, masks[layer.window], cache, slots, kv_len)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(x))
+        return linear(self.lm_head, self.model.norm(x))
 
     @staticmethod
     def _mask(slots, n_keys, window, attention_mask, B, T, cached):

@@ -1,0 +1,62 @@
+"""The compiled-CPU decode ops (leanformers.models.ops) against torch's own linear and SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanformers.models.ops import decode_attention, gemv, rowwise
+from leanformers.quantize import Int8Linear
+
+
+def test_rowwise_only_inside_a_compiled_graph():
+    x = torch.randn(1, 1, 8)
+    assert not rowwise(x)  # eager: keep F.linear
+    seen = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def probe(x, y):
+        seen.append((rowwise(x), rowwise(y)))
+        return x + 1
+
+    probe(x, torch.randn(3, 1, 8))
+    assert seen == [(True, False)]  # one row: gemv; three rows (a batch): the matmul kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_gemv_matches_linear(dtype):
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
+    x = torch.randn(1, 1, 64, dtype=dtype)
+    got = torch.compile(gemv, fullgraph=True)(x, w, b)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert got.dtype == dtype and got.shape == (1, 1, 48)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+def test_compiled_int8_linear_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    lin = Int8Linear.from_float(torch.randn(40, 64), torch.randn(40), dtype=torch.float32)
+    x = torch.randn(1, 1, 64)
+    got = torch.compile(lin, fullgraph=True)(x)
+    ref = F.linear(x, lin.dequantize_weight(), lin.bias)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_attention_matches_sdpa(dtype):
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 2, 6, 2, 11, 16
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, S, D, dtype=dtype), torch.randn(B, Hkv, S, D, dtype=dtype)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding of row 0
+    mask[1, ..., 7:] = False  # slots not written yet
+    got = torch.compile(decode_attention, fullgraph=True)(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+    wrong = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert (got.float() - wrong).abs().max() > 10 * tol  # the mask matters in this test
