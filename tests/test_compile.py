@@ -122,12 +122,13 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_models, caplog)
     assert _greedy(lm, PROMPTS[0]) == expected  # eager, same answer
 
 
-def test_no_compiler_means_eager_with_a_warning(tiny_models, caplog, monkeypatch):
+def test_no_compiler_means_eager_with_a_warning(tiny_models, caplog):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     lm = leanformers.load(str(tiny_models["smollm2"]), dtype="float32", progress=False)
-    with caplog.at_level(logging.WARNING, logger="leanformers.compile"):
+    # config.patch restores the option afterwards (monkeypatch.setattr left it unreadable for later tests)
+    with caplog.at_level(logging.WARNING, logger="leanformers.compile"), \
+            inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
         lm.compile(cache_bucket=128)
     assert lm.decode_fn is None and lm.cache_bucket is None  # plain eager decoding
     assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
@@ -146,3 +147,24 @@ def test_a_different_model_is_decoded_eagerly(compiled_mistral, tiny_models):
         other.model(torch.tensor([[1, 2]]), cache=cache2, cache_position=torch.arange(2))
         b = decode_step(other.model, token, cache2, torch.tensor([2]), torch.tensor([[2]]), None)
     assert torch.equal(a, b)
+
+
+def test_compiled_int8_greedy_equals_eager_int8(tiny_models, cache_dir):
+    # the compiled CPU step multiplies int8 weights in its own fused loops (models/ops.py), eager uses the kernel
+    eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
+    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
+    lm.compile(cache_bucket=128, cache_dir=cache_dir)
+    assert lm.decode_fn.is_compiled
+    for prompt in PROMPTS:
+        assert _greedy(lm, prompt) == _greedy(eager, prompt)
+
+
+def test_quantize_after_compile_drops_the_compiled_step(tiny_models, cache_dir, caplog):
+    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
+    lm.compile(cache_bucket=128, cache_dir=cache_dir)
+    assert lm.decode_fn is not None
+    with caplog.at_level(logging.WARNING, logger="leanformers"):
+        lm.quantize("int8")
+    assert lm.decode_fn is None and "compile() again" in caplog.text
+    eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
+    assert _greedy(lm, PROMPTS[0]) == _greedy(eager, PROMPTS[0])

@@ -15,6 +15,12 @@ rounding it up to a bucket (`LanguageModel.cache_bucket`), so every step of ever
 - CUDA (CUDA graphs need static shapes): attention over the whole static cache with a boolean mask
   (cheap on a GPU; gpt-fast does the same).
 
+On CPU the layer code switches, inside the compiled step only, to the GEMV and one-query attention of
+models/ops.py (broadcast-multiply + sum): Inductor turns them into streaming C++ loops that read the
+weights 2-3x faster than torch's one-row matmul kernels here, and fuses attention instead of calling
+SDPA per layer. Dynamo's guards are checked on a step's first call only; later calls are matched by
+`signature()` (their per-call cost was ~1 ms for SmolLM2), and Inductor's per-call size asserts are off.
+
 Disk cache, two layers (both under `$LEANFORMERS_CACHE/compile`, default `~/.cache/leanformers/compile`):
 - Inductor's own caches (FX graph cache, AOTAutograd cache, autotuning results, built kernels):
   `TORCHINDUCTOR_CACHE_DIR` is pointed there (process-wide). Content-addressed by Inductor, never stale.

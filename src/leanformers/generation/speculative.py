@@ -61,8 +61,15 @@ MAX_DRAFT_TOKENS = 64
 
 
 
-def verify_costs(model: nn.Module) -> tuple[float, float]:
+# A compiled CPU decode step (models/ops.py GEMV loops) against an eager one, SmolLM2-135M, 2 threads
+# (bench/results/decode.json): verification forwards stay eager, so they cost this much more in steps.
+COMPILED_CPU_STEP_SPEEDUP = 3.0
+
+
+def verify_costs(model: nn.Module, compiled: bool = False) -> tuple[float, float]:
     """(fixed, per_token): a verification forward over k+1 tokens costs 1 + fixed + k * per_token single steps.
+
+    compiled: the single steps run a compiled CPU decode step while verification runs eagerly.
 
     Fixed heuristics (measured on a 2-core AMD EPYC, torch 2.13, SmolLM2-135M): a forward over a few tokens is
     memory-bound, so extra positions are cheap, but in float32 on CPU any T > 1 leaves the GEMV path for a
@@ -71,6 +78,10 @@ def verify_costs(model: nn.Module) -> tuple[float, float]:
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     if p is None or p.device.type != "cpu":
         return 0.0, 0.01
+    if compiled:
+        fixed, per_token = verify_costs(model)
+        s = COMPILED_CPU_STEP_SPEEDUP
+        return (1 + fixed) * s - 1, per_token * s
     kinds = {type(m).__name__ for m in model.modules()}
     if "Int4Linear" in kinds:  # the CPU int4 kernel's time grows with the rows: 1.5x for 2-4 tokens, 2.9x for 8
         return 0.4, 0.2
@@ -343,7 +354,7 @@ class SpeculativeSteps:
         drafter.start(self.prompt, max_len, params, self.prefill_chunk)
 
         self._acceptance: dict[Any, tuple[float, float]] = {}  # key -> decayed (accepted, observed) counts
-        self._verify_costs = verify_costs(model)
+        self._verify_costs = verify_costs(model, compiled=bool(getattr(self.decode_fn, "is_compiled", False)))
         while self.emitted < self.max_new_tokens:
             cap = self.max_new_tokens - self.emitted - 1  # the round emits up to k + 1 tokens
             draft: list[int] = []
