@@ -160,11 +160,21 @@ def test_compiled_int8_greedy_equals_eager_int8(tiny_models, cache_dir):
 
 
 def test_quantize_after_compile_drops_the_compiled_step(tiny_models, cache_dir, caplog):
+    from leanformers.quantize import quantize_model
+
     lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
     lm.compile(cache_bucket=128, cache_dir=cache_dir)
-    assert lm.decode_fn is not None
+    fn = lm.decode_fn
+    assert fn.is_compiled
     with caplog.at_level(logging.WARNING, logger="leanformers"):
         lm.quantize("int8")
-    assert lm.decode_fn is None and "compile() again" in caplog.text
+    assert lm.decode_fn is None and "compile again" in caplog.text
+    assert not fn.is_compiled and "quantized" in fn.failure  # also when quantize_model is called directly
+    assert "make_cache" not in lm.model.__dict__  # the pool of float32 KV buffers went with it
+    other = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False).model
+    fn2 = compile_decode(other, cache_dir=cache_dir, cache_len=128)
+    assert fn2.is_compiled
+    quantize_model(other, "int4")
+    assert not fn2.is_compiled and "quantized" in fn2.failure
     eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
     assert _greedy(lm, PROMPTS[0]) == _greedy(eager, PROMPTS[0])

@@ -194,13 +194,10 @@ class LanguageModel:
         """
         from .quantize import quantize_model
 
-        if self.decode_fn is not None:
-            logger.warning("leanformers: quantize() drops the compiled decode step; call compile() again")
-            self.decode_fn = None
-            self.model.__dict__.pop("make_cache", None)  # its KV-cache pool holds buffers of the old dtype
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
         self.quantization = scheme
+        self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
         return self
 
     def compile(self, *, cache_bucket: int | None = None, **opts: Any) -> "LanguageModel":

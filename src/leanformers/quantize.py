@@ -611,6 +611,9 @@ def quantize_model(
     else:
         int8_backend(device, target)
 
+    from .generation.compile import release
+
+    release(model, f"the model was quantized ({scheme}) after compiling")
     # tied embedding: one int8 tensor for embedding and lm_head
     tied_embed = None
     if isinstance(lm_head, nn.Linear):

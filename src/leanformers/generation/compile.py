@@ -79,6 +79,9 @@ DEFAULT_CACHE_LEN = 1024
 MAX_GRAPHS = 4  # distinct input signatures compiled per model before further ones stay eager
 _POOL_SETS = 2  # buffer sets kept per cache shape (a second one serves an overlapping request)
 _FORMAT = 1  # bump when the artifact key recipe changes
+# id(model) -> its CompiledDecode, while that object lives (it holds the model, so the id stays unique).
+# Not an attribute of the model: copy.deepcopy(model) must not copy compiled graphs.
+_COMPILED: "weakref.WeakValueDictionary[int, CompiledDecode]" = weakref.WeakValueDictionary()
 
 
 # ------------------------------------------------------------------------------------- cache dir
@@ -541,12 +544,28 @@ def compile_decode(
         return fn
     pool = KVCachePool(model, static_addresses=device.type == "cuda")
     model.make_cache = pool  # instance attribute: prefill and decode share the pooled buffers
+    _COMPILED[id(model)] = fn  # so that changing the model (quantize_model) retires it: see release()
     if warmup:
         context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CACHE_LEN
         warm_up(fn, batch_size=batch_size, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
         if not fn.graphs:
             fn.failure = next(iter(fn.eager.values()), "compilation failed")
     return fn
+
+
+def release(model: nn.Module, why: str) -> None:
+    """Retire the compiled decode step of `model`, if any, because `why` (the model changed under it).
+
+    Its graphs skip Dynamo's guards after their first call, so they must not see a changed model: the step
+    decodes eagerly from then on, and the KV-cache pool (buffers of the old dtype) is removed.
+    """
+    fn = _COMPILED.pop(id(model), None)
+    model.__dict__.pop("make_cache", None)
+    if fn is None or fn.model is not model:
+        return
+    fn.graphs.clear()
+    fn.failure = why
+    log.warning("leanformers: %s: the compiled decode step is dropped; compile again", why)
 
 
 def warm_up(fn: CompiledDecode, *, batch_size: int = 1, cache_len: int = DEFAULT_CACHE_LEN) -> float:
