@@ -1,6 +1,6 @@
 """Speculative decoding on the bundled SmolLM2-135M-Instruct: plain vs prompt lookup vs self-drafts, and transformers.
 
-    python bench/bench_speculative.py --threads 1    # fp32, bf16, int4 eager + compiled fp32; transformers fp32
+    python bench/bench_speculative.py --threads 2    # eager fp32/bf16, compiled fp32/bf16/int8/int4; transformers fp32/bf16
     python bench/bench_speculative.py --max-new-tokens 64 --modes fp32 --no-hf    # quick
 
 Prompts: bench/prompts/grounded/*.txt (the answer copies from the input: rename a variable, copy and extend
@@ -78,7 +78,7 @@ def lf_rows(lm, ids, max_new, configs, mode):
     return rows
 
 
-def hf_rows(model, assistant, tok, ids, max_new, eos):
+def hf_rows(model, assistant, tok, ids, max_new, eos, mode="fp32"):
     rows = []
     base = None
     x = torch.tensor([ids])
@@ -88,8 +88,9 @@ def hf_rows(model, assistant, tok, ids, max_new, eos):
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, eos_token_id=eos,
                        pad_token_id=eos)
     prefill = time.perf_counter() - t0
-    configs = [("plain", {}), ("prompt-lookup (10)", dict(prompt_lookup_num_tokens=10)),
-               ("assistant=self copy", dict(assistant_model=assistant))]
+    configs = [("plain", {}), ("prompt-lookup (10)", dict(prompt_lookup_num_tokens=10))]
+    if assistant is not None:
+        configs.append(("assistant=self copy", dict(assistant_model=assistant)))
     for name, kw in configs:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -99,7 +100,7 @@ def hf_rows(model, assistant, tok, ids, max_new, eos):
         new = out[0, len(ids):].tolist()
         if base is None:
             base = new
-        rows.append(dict(library="transformers", mode="fp32", config=name, tokens=len(new), wall_s=wall,
+        rows.append(dict(library="transformers", mode=mode, config=name, tokens=len(new), wall_s=wall,
                          prefill_s=prefill, decode_s=max(wall - prefill, 1e-9), same=new == base, drafted=None,
                          accepted=None, target_forwards=None,
                          draft_forwards=None, token_ids=new))
@@ -153,8 +154,9 @@ def table(groups) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--modes", default="fp32,bf16,int4,compiled-fp32",
-                    help="comma list of fp32, bf16, int4 (load(quantize='int4')), compiled-fp32, compiled-bf16")
+    ap.add_argument("--modes", default="fp32,bf16,compiled-fp32,compiled-bf16,compiled-int8,compiled-int4",
+                    help="comma list of fp32, bf16, int8, int4 (load(quantize=...)), each optionally compiled-*")
+    ap.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers precisions (assisted decoding: fp32 only)")
     ap.add_argument("--drafts", default="prompt-lookup,self-int4,self-int8")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -173,11 +175,12 @@ def main() -> None:
     # ---- set up every leanformers mode (and transformers) first, then interleave them prompt by prompt
     for mode in [m for m in args.modes.split(",") if m]:
         dtype = "bfloat16" if mode.endswith("bf16") else "float32"
-        quantize = "int4" if mode.endswith("int4") else None  # GGUF Q4_1 weights mapped exactly, bf16 activations
+        # int4: GGUF Q4_1 weights mapped exactly (bf16 activations); int8: per-channel (float32 activations)
+        quantize = next((q for q in ("int4", "int8") if mode.endswith(q)), None)
         lm = leanformers.load(str(path), dtype=None if quantize else dtype, quantize=quantize, progress=False)
         if mode.startswith("compiled"):
             t0 = time.perf_counter()
-            lm.compile()
+            lm.compile(speculative=True)  # the step and the verification graph
             if lm.decode_fn is None:
                 print(f"skipping {mode}: compilation is not available here", file=sys.stderr)
                 continue
@@ -212,23 +215,27 @@ def main() -> None:
 
         d, f = str(path.parent), path.name
         tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-        model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-        assistant = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        hf_rows(model, assistant, tok, tok("Hello, how are you? Hello, how").input_ids, 8, eos)
+        for hf_mode in [m for m in args.hf_dtypes.split(",") if m]:
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[hf_mode]
+            model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dt).eval()
+            assistant = None
+            if hf_mode == "fp32":
+                assistant = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dt).eval()
+            hf_rows(model, assistant, tok, tok("Hello, how are you? Hello, how").input_ids, 8, eos, hf_mode)
 
-        def run_hf(group, name, text):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-            out = hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos)
-            for r in out:
-                r.update(prompt_tokens=len(ids))
-            return out
+            def run_hf(group, name, text, model=model, assistant=assistant, hf_mode=hf_mode):
+                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False)
+                if hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                ids = list(ids)
+                out = hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos, hf_mode)
+                for r in out:
+                    r.update(prompt_tokens=len(ids))
+                return out
 
-        runners.append(("hf", run_hf))
+            runners.append((f"hf-{hf_mode}", run_hf))
 
     # ---- the measurements: per prompt, every mode and library back to back
     for group, name, text in prompts:

@@ -49,6 +49,42 @@ def test_compiled_greedy_equals_eager(compiled_mistral):
     assert len(fn.graphs) == 1 and not fn.eager, (fn.info, fn.eager)
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_compiled_verification_equals_one_token_steps(tiny_models, cache_dir, kind):
+    """Speculative verification of T tokens in one compiled forward gives the logits of T compiled one-token
+    steps (up to float rounding: norms and softmax reduce rows in another order), also with bfloat16 and int8
+    weights and Mistral's sliding window; and prompt lookup on top of compiled decoding returns plain
+    greedy's tokens."""
+    kw = dict(dtype="float32", quantize="int8") if kind == "int8" else dict(dtype=kind)
+    lm = leanformers.load(str(tiny_models["mistral"]), progress=False, **kw)
+    lm.compile(cache_bucket=128, cache_dir=cache_dir, verify_rows=4, speculative=True)
+    fn, model = lm.decode_fn, lm.model
+    assert sorted(info["how"] != "jit" for info in fn.info.values()) == [True, True]  # step + verification, now
+    ids = lm.tokenizer.encode(PROMPTS[1])
+    P = len(ids)
+    with torch.inference_mode(False):
+        cache = model.make_cache(1, 128)
+        positions = torch.arange(128).unsqueeze(0)
+    with torch.inference_mode():
+        model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(P))  # prefill slots 0 .. P-1
+        drafts = [ids[-1], 7, 11]  # three tokens (padded to verify_rows = 4) at slots P .. P+2
+        assert fn.can_verify(model, 3, 128, P) and not fn.can_verify(model, 5, 128, P)
+        verified = fn.verify(model, torch.tensor([drafts]), cache, P, positions)
+        steps = torch.stack([fn(model, torch.tensor([[t]]), cache, torch.tensor([P + i]), positions[:, P + i:P + i + 1],
+                                None)[0] for i, t in enumerate(drafts)])
+    assert verified.shape == steps.shape == (3, lm.config.vocab_size)
+    tol = 2e-2 if kind == "bfloat16" else 1e-5  # bfloat16: one rounding step of the logits
+    torch.testing.assert_close(verified.float(), steps.float(), atol=tol * steps.abs().max().item(), rtol=0)
+    assert torch.equal(verified.argmax(-1), steps.argmax(-1))
+    assert {sig[0] for sig in fn.graphs if isinstance(sig[0], str)} == {"verify"} and len(fn.graphs) == 2
+    assert not fn.eager, fn.eager
+    prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):"
+    plain = lm.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    spec = lm.generate(prompt, max_new_tokens=30, ignore_eos=True, draft="prompt-lookup")
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats["rounds"] > 0 and len(fn.graphs) == 2 and not fn.eager  # drafts were verified, compiled
+
+
 def test_compiled_padded_batch_equals_eager(compiled_mistral):
     eager, lm = compiled_mistral  # left padding: a key mask goes into the compiled step (its own graph)
     a = [r.token_ids for r in lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)]

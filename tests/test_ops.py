@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanformers.models.ops import decode_attention, gemv, rowwise
+from leanformers.models.ops import MAX_ROWS, decode_attention, gemv, rowwise
 from leanformers.quantize import Int8Linear
 
 
@@ -20,8 +20,9 @@ def test_rowwise_only_inside_a_compiled_graph():
         seen.append((rowwise(x), rowwise(y)))
         return x + 1
 
-    probe(x, torch.randn(3, 1, 8))
-    assert seen == [(True, False)]  # one row: gemv; three rows (a batch): the matmul kernels
+    probe(torch.randn(1, 6, 8), torch.randn(3, 3, 8))
+    assert seen == [(True, False)]  # up to MAX_ROWS rows: gemv; nine rows: the matmul kernels
+    assert MAX_ROWS == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -34,6 +35,21 @@ def test_compiled_gemv_matches_linear(dtype):
     assert got.dtype == dtype and got.shape == (1, 1, 48)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_gemv_rows_equal_single_rows(dtype):
+    # several rows (a verification forward) give bit-identical results to one row at a time (decode steps)
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 80, dtype=dtype), torch.randn(96, dtype=dtype)
+    x = torch.randn(1, 5, 80, dtype=dtype)
+    f = torch.compile(gemv, fullgraph=True, dynamic=False)
+    many = f(x, w, b)
+    one = torch.cat([f(x[:, i:i + 1], w, b) for i in range(5)], dim=1)
+    assert many.shape == (1, 5, 96) and torch.equal(many, one)
+    ref = F.linear(x.float(), w.float(), b.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(many.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
 def test_compiled_int8_linear_matches_its_dequantized_weight():
@@ -60,3 +76,26 @@ def test_compiled_decode_attention_matches_sdpa(dtype):
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
     wrong = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
     assert (got.float() - wrong).abs().max() > 10 * tol  # the mask matters in this test
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_attention_of_several_queries_is_causal_and_per_query(dtype):
+    # a verification forward: T new queries at the end of the window, each sees the keys up to itself
+    torch.manual_seed(1)
+    torch.compiler.reset()
+    H, Hkv, S, T, D = 6, 2, 13, 4, 16
+    q = torch.randn(1, H, T, D, dtype=dtype)
+    k, v = torch.randn(1, Hkv, S, D, dtype=dtype), torch.randn(1, Hkv, S, D, dtype=dtype)
+    slots = torch.arange(S - T, S)
+    mask = (torch.arange(S) <= slots[:, None])[None, None]  # (1, 1, T, S)
+    f = torch.compile(decode_attention, fullgraph=True, dynamic=False)
+    got = f(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+    for i in range(T):  # query i alone, over its own prefix (what a one-token decode step computes)
+        n = S - T + i + 1
+        torch.compiler.reset()  # a fresh graph per shape (Dynamo's recompile limit is per function)
+        alone = torch.compile(decode_attention, fullgraph=True, dynamic=False)(
+            q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], torch.ones(1, 1, 1, n, dtype=torch.bool))
+        torch.testing.assert_close(got[:, :, i:i + 1].float(), alone.float(), atol=tol, rtol=tol)

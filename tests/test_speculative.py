@@ -219,7 +219,33 @@ def test_compiled_step_shares_the_plain_graph(tiny_models):
     assert spec.stats["target_forwards"] > spec.stats["rounds"] + 1  # one-token steps went through lm.decode_fn
     spec = _plain(lm, ids, 24, draft=dlm, num_draft_tokens=3)  # draft steps go through dlm.decode_fn
     assert spec.token_ids == plain.token_ids
-    assert all(set(m.decode_fn.graphs) == graphs[m] for m in (lm, dlm))
+    # the target's verification forwards have a graph of their own; nothing else was compiled
+    assert set(dlm.decode_fn.graphs) == graphs[dlm]
+    assert {sig for sig in set(lm.decode_fn.graphs) - graphs[lm] if sig[0] != "verify"} == set()
+
+
+def test_compiled_verification_is_used_and_priced(tiny_models):
+    """With a compiled step (backend "eager": fast to build) rounds of up to verify_rows tokens go through the
+    compiled verification graph, whose cost does not grow with k; longer rounds would be verified eagerly."""
+    from leanformers.errors import InvalidArgumentError
+    from leanformers.generation.compile import compile_decode, verify_cost
+
+    lm = _load(tiny_models["smollm2"])
+    lm.compile(backend="eager", cache_bucket=128, verify_rows=4)
+    fn = lm.decode_fn
+    assert fn.verify_rows == 4
+    ids = lm.tokenizer.encode("a b c a b c a b c a b c a b c a b c")
+    plain = _plain(lm, ids, 30)
+    spec = _plain(lm, ids, 30, draft="prompt-lookup")
+    assert spec.token_ids == plain.token_ids and spec.stats["rounds"] > 0
+    assert any(sig[0] == "verify" for sig in fn.graphs)
+    steps = SpeculativeSteps(lm.model, [ids], drafter=PromptLookupDrafter(), num_draft_tokens=None,
+                             max_new_tokens=4, params=SamplingParams(), decode_fn=fn)
+    cost = steps._verify_cost_model(lm.model)
+    assert cost(1) == cost(3) == verify_cost(lm.model, 4) < cost(4)  # padded to 4 rows / eager beyond
+    assert verify_cost(lm.model, 5) == pytest.approx((verify_cost(lm.model, 4) + verify_cost(lm.model, 6)) / 2)
+    with pytest.raises(InvalidArgumentError, match="verify_rows"):
+        compile_decode(_load(tiny_models["smollm2"]).model, backend="eager", verify_rows=99, warmup=False)
 
 
 # ------------------------------------------------------------------------------------- stats, limits, stopping

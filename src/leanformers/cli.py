@@ -108,9 +108,11 @@ def _load(args: argparse.Namespace):
     )
     if getattr(args, "quantize", None):
         kwargs.update(quantize=args.quantize, group_size=args.group_size)
+    lm = load(args.model, **kwargs)
     if getattr(args, "compile", False):
-        kwargs["compile"] = True
-    return load(args.model, **kwargs)
+        # with --draft, the graph that verifies drafted tokens is built (or loaded) now as well
+        lm.compile(speculative=bool(getattr(args, "draft", None)))
+    return lm
 
 
 def _gen_kwargs(args: argparse.Namespace, lm) -> dict[str, Any]:

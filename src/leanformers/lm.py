@@ -206,8 +206,9 @@ class LanguageModel:
         Compiles now (or loads the step from the disk cache), not at the first request. cache_bucket:
         KV-cache sizes are rounded up to a multiple of it so requests share one compiled graph (default
         1024, or the context length if smaller); a longer request compiles one more graph. Other options
-        go to compile_decode (mode, cache_dir, batch_size, ...). Call after quantize(). If compiling is
-        impossible or fails, a warning says why and decoding stays eager.
+        go to compile_decode (mode, cache_dir, batch_size, speculative=True to also build the graph that
+        verifies drafted tokens, ...). Call after quantize(). If compiling is impossible or fails, a
+        warning says why and decoding stays eager.
         """
         from .generation.compile import DEFAULT_CACHE_LEN, compile_decode
 

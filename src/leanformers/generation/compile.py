@@ -39,6 +39,12 @@ Disk cache, two layers (both under `$LEANFORMERS_CACHE/compile`, default `~/.cac
   Inductor's CPU vector-ISA probe (it builds and dlopens test programs in subprocesses: 1-20 s here)
   is done once and its answer recorded in `env.json`, then reused by later processes.
 
+Speculative decoding verifies k drafted tokens in one forward: `CompiledDecode.verify` runs it through a
+second compiled graph with a fixed number of rows (`verify_rows`, padded; compiled on first use and saved
+like the step). On CPU its matrix products keep rows as the innermost loop (models/ops.py), so the
+weights stream once for all rows. Each row's matrix products are computed exactly as in a one-token step;
+norms and softmax reduce in a different order for several rows, so logits agree up to float rounding.
+
 Failures never pass silently: no C++ compiler, no Triton, a graph break or any other compile error logs
 a warning naming the cause, and decoding continues eagerly (`.failure` / `.eager` say why).
 
@@ -65,6 +71,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
+from ..models import ops
 from .decode import decode_step
 from .kv_cache import KVCache
 
@@ -76,6 +84,19 @@ log = logging.getLogger("leanformers.compile")
 DEFAULT_CPU_MODE = "default"
 DEFAULT_CUDA_MODE = "reduce-overhead"
 DEFAULT_CACHE_LEN = 1024
+# Compiled verification (speculative decoding) on CPU: its time in compiled one-token steps for T tokens,
+# and the T used by default. Measured on SmolLM2-135M at cache position 300, 2 threads, torch 2.13
+# (`python bench/verify_costs.py`, bench/results/verify_costs.md). Float32 rows reuse each weight row from
+# L1 nearly for free up to ~6 rows; bfloat16 and int8 rows each redo the conversion to float32, so their
+# extra rows cost more; int4 layers keep torch's int4 kernel. Default T: the best expected tokens per unit
+# of time at 0.8-0.9 acceptance, (1 - a^T) / (1 - a) / cost.
+VERIFY_COST = {
+    "float32": {1: 1.0, 2: 1.07, 4: 1.30, 6: 1.53, 8: 2.21},
+    "bfloat16": {1: 1.0, 2: 1.13, 3: 1.62, 4: 1.81, 6: 2.61, 8: 3.81},
+    "int8": {1: 1.0, 2: 1.46, 3: 1.99, 4: 2.52, 6: 3.62, 8: 4.68},
+    "int4": {1: 1.0, 2: 1.22, 3: 1.43, 4: 1.71, 6: 2.54, 8: 2.87},
+}
+VERIFY_ROWS = {"float32": 6, "bfloat16": 4, "int8": 2, "int4": 4}
 MAX_GRAPHS = 4  # distinct input signatures compiled per model before further ones stay eager
 _POOL_SETS = 2  # buffer sets kept per cache shape (a second one serves an overlapping request)
 _FORMAT = 1  # bump when the artifact key recipe changes
@@ -251,7 +272,22 @@ def _window(cache: KVCache, length: int, dynamic: bool) -> _Window:
 
 
 # ------------------------------------------------------------------------------------- compiled step
-def _make_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+def _eager_verify(model, tokens, cache, slots, positions, mask):
+    return model(tokens, cache=cache, cache_position=slots, position_ids=positions, attention_mask=mask)[0]
+
+
+def _eager_fn(kind: str):
+    return _eager_verify if kind == "verify" else decode_step
+
+
+def _make_step(model: nn.Module, kind: str = "step") -> Callable[..., torch.Tensor]:
+    """step: logits (B, V) of the last position. verify: logits (T, V) of every position of row 0."""
+    if kind == "verify":
+        def verify(tokens, cache, slots, positions, mask):
+            return model(tokens, cache=cache, cache_position=slots, position_ids=positions, attention_mask=mask)[0]
+
+        return verify
+
     def step(token, cache, slot, positions, mask):
         return model(token, cache=cache, cache_position=slot, position_ids=positions, attention_mask=mask)[:, -1]
 
@@ -264,10 +300,11 @@ def _tensor_sig(t: torch.Tensor | None) -> tuple | None:
     return (tuple(t.shape), t.stride(), t.dtype, t.device.type, t.is_inference())
 
 
-def signature(token, cache: KVCache, slot, positions, mask) -> tuple:
-    """What a compiled graph is specialized on (Dynamo guards on the same properties)."""
-    return (_tensor_sig(token), _tensor_sig(slot), _tensor_sig(positions), _tensor_sig(mask),
-            _tensor_sig(cache.k[0]), len(cache.k), cache.max_len, cache.batch_size)
+def signature(token, cache: KVCache, slot, positions, mask, kind: str = "step") -> tuple:
+    """What a compiled graph is specialized on (Dynamo guards on the same properties), and which function."""
+    sig = (_tensor_sig(token), _tensor_sig(slot), _tensor_sig(positions), _tensor_sig(mask),
+           _tensor_sig(cache.k[0]), len(cache.k), cache.max_len, cache.batch_size)
+    return sig if kind == "step" else (kind, *sig)
 
 
 def _describe(exc: BaseException) -> str:
@@ -334,7 +371,7 @@ class CompiledDecode:
 
     def __init__(self, model: nn.Module, *, mode: str, options: dict[str, Any] | None, backend: Any,
                  cache_dir: Path | None, precompile: bool, cudagraphs: bool, window: bool = False,
-                 max_graphs: int = MAX_GRAPHS):
+                 max_graphs: int = MAX_GRAPHS, verify_rows: int = 0):
         self.model = model
         self.window = window
         self.mode = mode
@@ -348,7 +385,8 @@ class CompiledDecode:
         self.info: dict[tuple, dict[str, Any]] = {}  # signature -> {"how": loaded|compiled|jit, "seconds": ...}
         self.eager: dict[tuple, str] = {}  # signature -> why it runs eagerly
         self.failure: str | None = None  # set when compilation is off altogether
-        self._jit: Callable[..., torch.Tensor] | None = None
+        self._jit: dict[str, Callable[..., torch.Tensor]] = {}
+        self.verify_rows = verify_rows
         self._structure: dict[str, Any] | None = None
 
     @property
@@ -356,9 +394,33 @@ class CompiledDecode:
         return bool(self.graphs)
 
     def __call__(self, model, token, cache, slot, positions, mask):
+        return self._run("step", model, token, cache, slot, positions, mask)
+
+    def can_verify(self, model: nn.Module, n_rows: int, max_len: int, pos: int) -> bool:
+        """Whether `verify` runs `n_rows` tokens at slots pos.. through a compiled graph (else: eager)."""
+        return (model is self.model and self.failure is None and 0 < n_rows <= self.verify_rows
+                and pos + self.verify_rows <= max_len and not any(sig[0] == "verify" for sig in self.eager))
+
+    def verify(self, model, tokens: torch.Tensor, cache: KVCache, pos: int, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (n, V) for tokens (1, n) written at slots pos .. pos+n-1, through the compiled verification graph.
+
+        Speculative decoding's verification forward: the tokens are padded to `verify_rows` (one static
+        shape; the padding's K/V land in later slots, which the next round overwrites before attending
+        to them), and on CPU each row is computed exactly as a one-token step would (models/ops.py).
+        positions: (1, >= pos + verify_rows) rotary positions of the slots, as the plain loop has them.
+        Call only when can_verify(...) is True.
+        """
+        n, T = tokens.shape[1], self.verify_rows
+        if n < T:
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(1, T - n)], dim=1)
+        slots = torch.arange(pos, pos + T, device=tokens.device)
+        return self._run("verify", model, tokens, cache, slots, positions[:, pos:pos + T], None)[:n]
+
+    def _run(self, kind, model, token, cache, slot, positions, mask):
+        eager = _eager_fn(kind)
         if model is not self.model or self.failure is not None:
-            return decode_step(model, token, cache, slot, positions, mask)
-        sig = signature(token, cache, slot, positions, mask)
+            return eager(model, token, cache, slot, positions, mask)
+        sig = signature(token, cache, slot, positions, mask, kind)
         fn = self.graphs.get(sig)
         if fn is not None:
             try:
@@ -368,26 +430,27 @@ class CompiledDecode:
                     return fn(token, _window(cache, int(slot[-1]) + 1, False), slot, positions, mask)
                 return fn(token, cache, slot, positions, mask)
             except Exception as exc:
-                self._eager(sig, f"the compiled step failed: {_describe(exc)}")
-                return decode_step(model, token, cache, slot, positions, mask)
+                self._eager(sig, f"the compiled {kind} failed: {_describe(exc)}")
+                return eager(model, token, cache, slot, positions, mask)
         if sig in self.eager:
-            return decode_step(model, token, cache, slot, positions, mask)
+            return eager(model, token, cache, slot, positions, mask)
         if len(self.graphs) >= self.max_graphs:
             self._eager(sig, f"{len(self.graphs)} input shapes are compiled already (max_graphs); "
                              "a fixed cache_bucket lets requests share one")
-            return decode_step(model, token, cache, slot, positions, mask)
+            return eager(model, token, cache, slot, positions, mask)
         args = (token, _window(cache, int(slot[-1]) + 1, True) if self.window else cache, slot, positions, mask)
         try:
-            out = self._build(sig, args)
+            out = self._build(sig, args, kind)
         except Exception as exc:
             self._eager(sig, f"compilation failed: {_describe(exc)}")
-            return decode_step(model, token, cache, slot, positions, mask)
+            return eager(model, token, cache, slot, positions, mask)
         return out
 
     # ---------------------------------------------------------------------------------- building
-    def _build(self, sig: tuple, args: tuple) -> torch.Tensor:
+    def _build(self, sig: tuple, args: tuple, kind: str = "step") -> torch.Tensor:
         t0 = time.perf_counter()
         B, S = sig[-1], sig[-2]
+        what = "decode step" if kind == "step" else f"verification step ({args[0].shape[1]} tokens)"
         if self.precompile:
             path = self._artifact_path(sig)
             if path.is_file():
@@ -398,36 +461,36 @@ class CompiledDecode:
                     self._done(sig, fn, "loaded", t0)
                     return out
                 except Exception as exc:
-                    log.info("saved decode step %s unusable (%s); compiling again", path.name, _describe(exc))
+                    log.info("saved %s %s unusable (%s); compiling again", what, path.name, _describe(exc))
                     path.unlink(missing_ok=True)
-            log.info("compiling the decode step (batch %d, cache %d); cached on disk afterwards", B, S)
+            log.info("compiling the %s (batch %d, cache %d); cached on disk afterwards", what, B, S)
             try:
-                fn = self._compiler().aot_compile((args, {}))
+                fn = self._compiler(kind).aot_compile((args, {}))
             except Exception as exc:
                 from torch._dynamo.exc import Unsupported
 
                 if isinstance(exc, Unsupported):  # a graph break: torch.compile would fail the same way
                     raise
-                log.info("precompiling the decode step failed (%s); using torch.compile", _describe(exc))
+                log.info("precompiling the %s failed (%s); using torch.compile", what, _describe(exc))
             else:
                 out = fn(*args)
                 try:
                     fn.save_compiled_function(str(path), external_data={"model": self.model})
-                    meta = {"signature": repr(sig), "mode": self.mode, "torch": torch.__version__,
+                    meta = {"signature": repr(sig), "kind": kind, "mode": self.mode, "torch": torch.__version__,
                             "model": self._structure.get("config") if self._structure else None}
                     _atomic_write(path.with_suffix(".json"), json.dumps(meta, default=str, indent=1).encode())
                 except Exception as exc:
-                    log.warning("leanformers: could not save the compiled decode step (%s); the next "
-                                "process compiles it again", _describe(exc))
+                    log.warning("leanformers: could not save the compiled %s (%s); the next "
+                                "process compiles it again", what, _describe(exc))
                     path.unlink(missing_ok=True)
                 self._done(sig, fn, "compiled", t0)
                 return out
-        if self._jit is None:
-            self._jit = self._compiler()
+        if kind not in self._jit:
+            self._jit[kind] = self._compiler(kind)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self._jit(*args)
-        self._done(sig, self._jit, "jit", t0)
+        out = self._jit[kind](*args)
+        self._done(sig, self._jit[kind], "jit", t0)
         return out
 
     def _plain(self, args: tuple) -> tuple:
@@ -437,11 +500,11 @@ class CompiledDecode:
         token, win, slot, positions, mask = args
         return (token, _window(win, win.max_len, False), slot, positions, mask)
 
-    def _compiler(self):
+    def _compiler(self, kind: str = "step"):
         kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=self.backend)
         if self.options is not None:
             kwargs["options"] = self.options
-        return torch.compile(_make_step(self.model), **kwargs)
+        return torch.compile(_make_step(self.model, kind), **kwargs)
 
     def _artifact_path(self, sig: tuple) -> Path:
         if self._structure is None:
@@ -460,7 +523,8 @@ class CompiledDecode:
             fn.disable_guard_check()
         self.graphs[sig] = fn
         self.info[sig] = {"how": how, "seconds": round(time.perf_counter() - t0, 2)}
-        log.info("decode step ready (%s in %.1fs): batch %d, cache %d", how, self.info[sig]["seconds"], sig[-1], sig[-2])
+        what = "decode step" if sig[0] != "verify" else "verification step"
+        log.info("%s ready (%s in %.1fs): batch %d, cache %d", what, how, self.info[sig]["seconds"], sig[-1], sig[-2])
 
     def _eager(self, sig: tuple, why: str) -> None:
         self.graphs.pop(sig, None)
@@ -482,6 +546,8 @@ def compile_decode(
     window: bool | None = None,
     backend: Any = "inductor",
     max_graphs: int = MAX_GRAPHS,
+    verify_rows: int | None = None,
+    speculative: bool = False,
 ) -> CompiledDecode:
     """Compile the one-token decode step of a model (or of a LanguageModel); returns a DecodeFn.
 
@@ -501,6 +567,10 @@ def compile_decode(
         the whole cache is cheap on a GPU). On CPU, whole-cache attention cost e.g. 30 x 0.23 ms
         (float32) / 30 x 1.5 ms (bfloat16) per token for a 1024-slot SmolLM2 cache.
     backend: a torch.compile backend (tests pass a failing one).
+    verify_rows: tokens per compiled speculative verification (`CompiledDecode.verify`; saved like the
+        step); 0 = verification stays eager. Default: `default_verify_rows` on CPU, 0 elsewhere.
+    speculative: with warmup, also compile (or load) the verification graph now; otherwise it is built
+        by the first speculative request (draft=...).
 
     Never raises for a compile problem: it logs a warning with the reason and the returned function
     decodes eagerly (`.failure` or `.eager` say why, `.is_compiled` is False).
@@ -536,8 +606,13 @@ def compile_decode(
     precompile = precompile and hasattr(torch.compiler, "load_compiled_function")
     if window is None:
         window = not cudagraphs
+    if verify_rows is None:
+        verify_rows = default_verify_rows(model) if window and device.type == "cpu" else 0
+    if not isinstance(verify_rows, int) or isinstance(verify_rows, bool) or not 0 <= verify_rows <= ops.MAX_ROWS:
+        raise InvalidArgumentError(f"verify_rows must be an integer in [0, {ops.MAX_ROWS}], got {verify_rows!r}")
     fn = CompiledDecode(model, mode=mode, options=options, backend=backend, cache_dir=path,
-                        precompile=precompile, cudagraphs=cudagraphs, window=window, max_graphs=max_graphs)
+                        precompile=precompile, cudagraphs=cudagraphs, window=window, max_graphs=max_graphs,
+                        verify_rows=verify_rows)
     if reason is not None:
         fn.failure = f"torch.compile is unavailable: {reason}"
         log.warning("leanformers: decoding eagerly: %s", fn.failure)
@@ -548,9 +623,46 @@ def compile_decode(
     if warmup:
         context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CACHE_LEN
         warm_up(fn, batch_size=batch_size, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
+        if speculative and fn.graphs:
+            warm_up_verify(fn, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
         if not fn.graphs:
             fn.failure = next(iter(fn.eager.values()), "compilation failed")
     return fn
+
+
+def default_verify_rows(model: nn.Module) -> int:
+    """Tokens per compiled verification forward on CPU (the pending token + up to rows - 1 drafts).
+
+    Rows are the innermost loop of each weight's reduction (models/ops.py): extra rows reuse weights
+    from L1, until the arithmetic costs more than streaming the weights. VERIFY_ROWS records where that
+    happens for SmolLM2-135M on 2 threads (see VERIFY_COST). At least 2.
+    """
+    return VERIFY_ROWS[_weight_kind(model)]  # (rows = 1 would verify no draft at all)
+
+
+def _weight_kind(model: nn.Module) -> str:
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "Int4Linear" in kinds:
+        return "int4"
+    if "Int8Linear" in kinds:
+        return "int8"
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    dtype = norm.weight.dtype if norm is not None else next(model.parameters()).dtype
+    return "float32" if dtype == torch.float32 else "bfloat16"
+
+
+def verify_cost(model: nn.Module, rows: int) -> float:
+    """A compiled verification forward over `rows` tokens, in compiled one-token steps (VERIFY_COST, fixed:
+    never timed at run time, so seeded runs stay reproducible; linear between and beyond the measured T)."""
+    table = VERIFY_COST[_weight_kind(model)]
+    if rows in table:
+        return table[rows]
+    ts = sorted(table)
+    lo = max([t for t in ts if t < rows], default=ts[0])
+    hi = min([t for t in ts if t > rows], default=None)
+    if hi is None:  # beyond the table: the last slope
+        lo, hi = ts[-2], ts[-1]
+    return table[lo] + (rows - lo) * (table[hi] - table[lo]) / (hi - lo)
 
 
 def release(model: nn.Module, why: str) -> None:
@@ -566,6 +678,23 @@ def release(model: nn.Module, why: str) -> None:
     fn.graphs.clear()
     fn.failure = why
     log.warning("leanformers: %s: the compiled decode step is dropped; compile again", why)
+
+
+def warm_up_verify(fn: CompiledDecode, *, cache_len: int = DEFAULT_CACHE_LEN) -> float:
+    """Compile (or load) the speculative verification graph, with the inputs speculative decoding gives it."""
+    t0 = time.perf_counter()
+    if not fn.verify_rows or fn.failure is not None:
+        return 0.0
+    model = fn.model
+    device = model.model.embed_tokens.weight.device
+    with torch.inference_mode(False):  # as SpeculativeSteps makes them
+        cache = model.make_cache(1, cache_len)
+        positions = torch.arange(cache_len, device=device).unsqueeze(0)
+    with torch.inference_mode():
+        tokens = torch.zeros(1, fn.verify_rows, dtype=torch.long, device=device)
+        if fn.can_verify(model, fn.verify_rows, cache_len, 0):
+            fn.verify(model, tokens, cache, 0, positions)
+    return time.perf_counter() - t0
 
 
 def warm_up(fn: CompiledDecode, *, batch_size: int = 1, cache_len: int = DEFAULT_CACHE_LEN) -> float:

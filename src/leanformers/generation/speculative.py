@@ -31,9 +31,17 @@ decoding up to float rounding: the target scores k+1 positions in one matmul ins
 ones, which can round differently and flip a near-tie (float32: identical on the test prompts; see
 bench/bench_speculative.py for a measurement in bfloat16).
 
+With a compiled decode step on CPU (`LanguageModel.compile()`), verification has a compiled graph of its
+own (`CompiledDecode.verify`): the round's tokens are padded to a fixed `verify_rows` (2-6, by weight
+type) and each row's matrix products are computed as a one-token step computes them (norms and softmax
+reduce in another order: logits agree up to float rounding). Longer rounds fall back to an eager
+verification.
+
 Adaptive k (default): an exponentially decayed estimate a of the per-token acceptance rate picks the k
 maximizing the expected tokens per round, (1 - a^(k+1)) / (1 - a), divided by the round's cost in
-single-step units, 1 + fixed + k * (draft_cost + per_token) (`verify_costs`, `_step_time_estimate`).
+single-step units: k * draft_cost plus the verification's cost, 1 + fixed + k * per_token eagerly
+(`verify_costs`, `_step_time_estimate`), a constant up to verify_rows - 1 drafts when compiled
+(`compile.verify_cost`).
 k = 0 (a plain step) wins when drafting cannot pay; the estimate then decays back towards "unknown", so
 drafting is retried now and then. Prompt lookup keeps one estimate per match length n (a 3-gram match is
 a far better bet than a 1-gram one). The cost ratios are fixed formulas, never measured at run time, so a
@@ -298,6 +306,20 @@ class SpeculativeSteps:
         }
 
     # adaptive k ---------------------------------------------------------------------------------
+    def _verify_cost_model(self, model: nn.Module) -> Callable[[int], float]:
+        """k -> time of the verification forward over k + 1 tokens, in one-token decode steps."""
+        fn = self.decode_fn
+        compiled = bool(getattr(fn, "is_compiled", False))
+        fixed, per_token = verify_costs(model, compiled=compiled)
+        rows = getattr(fn, "verify_rows", 0) if compiled else 0
+        self._can_verify = fn.can_verify if rows else None
+        if not rows:
+            return lambda k: 1 + fixed + k * per_token
+        from .compile import verify_cost
+
+        padded = verify_cost(model, rows)  # any k + 1 <= rows costs the same (one static shape)
+        return lambda k: padded if k + 1 <= rows else 1 + fixed + k * per_token
+
     def _choose_k(self, key: Any) -> int:
         if self.fixed_k is not None:
             return self.fixed_k
@@ -305,11 +327,9 @@ class SpeculativeSteps:
         succ, trials = self._acceptance.get(key, (0.0, 0.0))
         a = (succ + 1.0) / (trials + 1.5)  # prior: acceptance ~ 2/3 until observations say otherwise
         a = min(a, 0.995)
-        fixed, per_token = self._verify_costs
-        unit = d.cost + per_token
         best_k, best = 1, 0.0
         for k in range(1, d.max_k + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (1 + fixed + k * unit)
+            gain = (1 - a ** (k + 1)) / (1 - a) / (self._round_cost(k) + k * d.cost)
             if gain > best * 1.0001:
                 best_k, best = k, gain
         if best <= 1.0 and trials >= 2:
@@ -354,7 +374,7 @@ class SpeculativeSteps:
         drafter.start(self.prompt, max_len, params, self.prefill_chunk)
 
         self._acceptance: dict[Any, tuple[float, float]] = {}  # key -> decayed (accepted, observed) counts
-        self._verify_costs = verify_costs(model, compiled=bool(getattr(self.decode_fn, "is_compiled", False)))
+        self._round_cost = self._verify_cost_model(model)
         while self.emitted < self.max_new_tokens:
             cap = self.max_new_tokens - self.emitted - 1  # the round emits up to k + 1 tokens
             draft: list[int] = []
@@ -370,6 +390,8 @@ class SpeculativeSteps:
                 # the (compiled) one-token step, with inputs shaped and strided as the plain loop's (one graph)
                 out = self.decode_fn(model, inp, cache, torch.tensor([pos], device=device),
                                      positions[:, pos:pos + 1], None)  # (1, V)
+            elif n and self._can_verify is not None and self._can_verify(model, n + 1, max_len, pos):
+                out = self.decode_fn.verify(model, inp, cache, pos, positions)  # compiled, (n + 1, V)
             else:
                 out = model(inp, cache=cache, cache_position=slots)[0]  # (n + 1, V)
             self.target_forwards += 1
