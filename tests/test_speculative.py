@@ -46,7 +46,7 @@ def target(tiny_models):
 def _cheap(lm):
     """Make adaptive k treat `lm` as a draft 30x cheaper than the target (as a real small draft would be):
     the tiny test models all cost about the same, so adaptive k would rightly not draft with them at all."""
-    lm.__dict__["_speculative_step_estimate"] = 1e-4
+    lm.__dict__["_speculative_step_estimate"] = lm.__dict__["_speculative_step_estimate_compiled"] = 1e-4
     return lm
 
 
@@ -271,8 +271,8 @@ def test_adaptive_k_does_not_draft_when_it_cannot_pay(tiny_models):
     twin = _load(tiny_models["smollm2"])  # a draft exactly as expensive as the target
     ids = lm.tokenizer.encode(PROMPTS[0])
     r = _plain(lm, ids, 40, draft=twin)
-    # it explores (a couple of drafts), sees the cost, and mostly decodes plainly from then on
-    assert 0 < r.stats["drafted"] <= 12 and r.stats["tokens_per_target_forward"] < 1.5, r.stats
+    # even certain acceptance could not pay for drafting with it (on top of the verification): no drafts at all
+    assert r.stats["drafted"] == 0 and r.stats["tokens_per_target_forward"] == 1.0, r.stats
     assert r.token_ids == _plain(lm, ids, 40).token_ids
     r = _plain(lm, ids, 20, draft=twin, num_draft_tokens=2)  # fixed k drafts anyway
     assert r.stats["drafted"] > 0 and r.stats["acceptance_rate"] == 1.0

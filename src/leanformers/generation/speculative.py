@@ -43,7 +43,8 @@ single-step units: k * draft_cost plus the verification's cost, 1 + fixed + k * 
 (`verify_costs`, `_step_time_estimate`), a constant up to verify_rows - 1 drafts when compiled
 (`compile.verify_cost`).
 k = 0 (a plain step) wins when drafting cannot pay; the estimate then decays back towards "unknown", so
-drafting is retried now and then. Prompt lookup keeps one estimate per match length n (a 3-gram match is
+drafting is retried now and then (never when even near-certain acceptance could not pay for a round).
+Prompt lookup keeps one estimate per match length n (a 3-gram match is
 a far better bet than a 1-gram one). The cost ratios are fixed formulas, never measured at run time, so a
 seeded run is reproducible. `num_draft_tokens=k` fixes k instead.
 """
@@ -72,6 +73,21 @@ MAX_DRAFT_TOKENS = 64
 # A compiled CPU decode step (models/ops.py GEMV loops) against an eager one, SmolLM2-135M, 2 threads
 # (bench/results/decode.json): verification forwards stay eager, so they cost this much more in steps.
 COMPILED_CPU_STEP_SPEEDUP = 3.0
+
+
+# Eager float32 on CPU: torch's matmul (MKL on this AMD EPYC) is slowest for 2-4 rows. A forward over T tokens,
+# in one-token steps (SmolLM2-135M, cache position 300, 2 threads): T=2 1.61, 3 1.94, 4 1.36, 5 1.20, 6 1.29,
+# 8 1.30. Eager float32 verifications of 2-4 tokens are therefore padded to EAGER_F32_ROWS.
+EAGER_F32_ROWS = 5
+EAGER_F32_COST = {5: 1.20, 6: 1.29, 7: 1.30, 8: 1.30}
+
+
+def _eager_f32(model: nn.Module) -> bool:
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    dense = not any(type(m).__name__ in ("Int4Linear", "Int8Linear") for m in model.modules())
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    return p is not None and p.device.type == "cpu" and dense and norm is not None \
+        and norm.weight.dtype == torch.float32
 
 
 def verify_costs(model: nn.Module, compiled: bool = False) -> tuple[float, float]:
@@ -115,6 +131,9 @@ class PromptLookupDrafter:
     name = "prompt-lookup"
     cost = 0.0  # per drafted token, relative to one target forward
     max_k = 24
+
+    def catch_up_cost(self, seq_len: int) -> float:
+        return 0.0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not (1 <= min_ngram <= max_ngram):
@@ -172,10 +191,12 @@ class ModelDrafter:
     max_k = 12
 
     def __init__(self, model: nn.Module, *, name: str, cost: float, decode_fn=None, cache_bucket: int | None = None,
-                 context_length: int | None = None):
+                 context_length: int | None = None, chunk_cost: float | None = None):
         self.model = model
         self.name = name
         self.cost = cost
+        # feeding more than a few unseen tokens runs one eager forward: its cost in target steps
+        self.chunk_cost = 1.5 * cost if chunk_cost is None else chunk_cost
         self.decode_fn = decode_fn
         self.cache_bucket = cache_bucket
         self.context_length = context_length
@@ -197,6 +218,11 @@ class ModelDrafter:
         self.fed: list[int] = []  # tokens whose K/V sit in slots 0 .. len-1 of the draft cache
         self.prefill_chunk = prefill_chunk
         self.forwards = 0
+
+    def catch_up_cost(self, seq_len: int) -> float:
+        """Cost (target steps) of feeding the tokens the draft has not seen before it can draft again."""
+        unseen = max(1, seq_len - len(self.fed))
+        return unseen * self.cost if self.decode_fn is not None and unseen <= 4 else self.chunk_cost
 
     def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
         """Write `tokens` at slots start.. into the draft cache; logits (V,) after the last one."""
@@ -313,6 +339,11 @@ class SpeculativeSteps:
         fixed, per_token = verify_costs(model, compiled=compiled)
         rows = getattr(fn, "verify_rows", 0) if compiled else 0
         self._can_verify = fn.can_verify if rows else None
+        self._pad_rows = EAGER_F32_ROWS if not compiled and _eager_f32(model) else 0
+        if self._pad_rows:
+            last = max(EAGER_F32_COST)
+            return lambda k: EAGER_F32_COST.get(max(k + 1, self._pad_rows),
+                                                EAGER_F32_COST[last] + (k + 1 - last) * per_token)
         if not rows:
             return lambda k: 1 + fixed + k * per_token
         from .compile import verify_cost
@@ -328,14 +359,23 @@ class SpeculativeSteps:
         a = (succ + 1.0) / (trials + 1.5)  # prior: acceptance ~ 2/3 until observations say otherwise
         a = min(a, 0.995)
         best_k, best = 1, 0.0
+        # a model draft that fell behind (plain steps) first catches up: one extra draft step, or an eager
+        # forward over the unseen tokens (~4 compiled target steps for SmolLM2's int4 self-draft), which
+        # is what makes retries after long plain stretches unprofitable when drafting barely pays
+        extra = max(0.0, d.catch_up_cost(self._seq_len) - d.cost)
+        a_max, ceiling = 0.995, 0.0
         for k in range(1, d.max_k + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (self._round_cost(k) + k * d.cost)
+            cost = self._round_cost(k) + k * d.cost + extra
+            gain = (1 - a ** (k + 1)) / (1 - a) / cost
             if gain > best * 1.0001:
                 best_k, best = k, gain
+            ceiling = max(ceiling, (1 - a_max ** (k + 1)) / (1 - a_max) / cost)
+        if ceiling <= 1.0:
+            return 0  # even near-certain acceptance would not pay for the round: never explore
         if best <= 1.0 and trials >= 2:
             # k = 0 (a plain step: one token per forward) is better. Only once there is evidence: the estimate
-            # decays towards "unknown" while not drafting, so drafting is retried every ~10 steps.
-            self._acceptance[key] = (0.9 * succ, 0.9 * trials)
+            # decays towards "unknown" while not drafting, so drafting is retried every ~20 steps.
+            self._acceptance[key] = (0.95 * succ, 0.95 * trials)
             return 0
         return best_k
 
@@ -379,6 +419,7 @@ class SpeculativeSteps:
             cap = self.max_new_tokens - self.emitted - 1  # the round emits up to k + 1 tokens
             draft: list[int] = []
             q = key = None
+            self._seq_len = len(seq)
             if cap > 0:
                 draft, q, key = drafter.propose(seq, lambda key: min(cap, self._choose_k(key)), params, generator,
                                                 need_hist)
@@ -392,6 +433,12 @@ class SpeculativeSteps:
                                      positions[:, pos:pos + 1], None)  # (1, V)
             elif n and self._can_verify is not None and self._can_verify(model, n + 1, max_len, pos):
                 out = self.decode_fn.verify(model, inp, cache, pos, positions)  # compiled, (n + 1, V)
+            elif n and n + 1 < self._pad_rows and pos + self._pad_rows <= max_len:
+                # eager float32: padded rows (their K/V land in later slots, overwritten before use) are cheaper
+                pad = self._pad_rows - n - 1
+                padded = torch.cat([inp, inp[:, -1:].expand(1, pad)], dim=1)
+                out = model(padded, cache=cache, cache_position=torch.arange(pos, pos + self._pad_rows,
+                                                                              device=device))[0, :n + 1]
             else:
                 out = model(inp, cache=cache, cache_position=slots)[0]  # (n + 1, V)
             self.target_forwards += 1
@@ -598,20 +645,29 @@ def make_drafter(lm, draft: Any):
     )
 
 
-def _step_time_estimate(lm) -> float:
+def _step_time_estimate(lm, compiled: bool = False) -> float:
     """A fixed (never measured, so runs stay reproducible) model of one decode step's time on a CPU:
-    reading the weights (~6.5 GB/s) plus a per-layer overhead (~0.5 ms: small ops, attention, dispatch).
-    Fitted on SmolLM2-135M, one thread: float32 98 ms, int4 (self-draft) 26 ms, int8 49 ms, bfloat16 72 ms."""
-    if "_speculative_step_estimate" not in lm.__dict__:
+    reading the weights plus a per-layer overhead (small ops, attention, dispatch).
+    Eager (fitted on SmolLM2-135M, one thread: float32 98 ms, int4 self-draft 26 ms, int8 49 ms, bfloat16
+    72 ms): ~6.5 GB/s and ~0.5 ms per layer. Compiled CPU steps (SmolLM2-135M, 2 threads: float32 19.0 ms,
+    bfloat16 11.5, int8 8.6, int4 self-draft 8.9): ~42 GB/s and ~0.2 ms per layer, so an int4 draft costs
+    ~0.7 of a compiled bfloat16 step, not the ~0.45 that eager timings suggest."""
+    key = "_speculative_step_estimate_compiled" if compiled else "_speculative_step_estimate"
+    if key not in lm.__dict__:
         layers = getattr(lm.config, "num_hidden_layers", 1) or 1
-        lm.__dict__["_speculative_step_estimate"] = _weight_bytes(lm.model) / 6.5e9 + layers * 0.5e-3
-    return lm.__dict__["_speculative_step_estimate"]
+        bandwidth, per_layer = (42e9, 0.2e-3) if compiled else (6.5e9, 0.5e-3)
+        lm.__dict__[key] = _weight_bytes(lm.model) / bandwidth + layers * per_layer
+    return lm.__dict__[key]
 
 
 def _model_drafter(lm, dlm, name: str) -> ModelDrafter:
-    cost = min(1.0, max(0.02, _step_time_estimate(dlm) / _step_time_estimate(lm)))
+    # both steps compiled (a self-draft of a compiled target is compiled too): compare compiled step times
+    compiled = getattr(lm.decode_fn, "is_compiled", False) and dlm.decode_fn is not None \
+        and getattr(dlm.decode_fn, "failure", None) is None and lm.device.type == "cpu"
+    cost = min(1.0, max(0.02, _step_time_estimate(dlm, compiled) / _step_time_estimate(lm, compiled)))
+    chunk = 1.5 * _step_time_estimate(dlm) / _step_time_estimate(lm, compiled)  # an eager forward of the draft
     return ModelDrafter(dlm.model, name=name, cost=cost, decode_fn=dlm.decode_fn, cache_bucket=dlm.cache_bucket,
-                        context_length=dlm.context_length)
+                        context_length=dlm.context_length, chunk_cost=max(cost, chunk))
 
 
 def steps_factory(lm, draft: Any, num_draft_tokens: Any, n_prompts: int):
