@@ -241,7 +241,7 @@ def test_compiled_verification_is_used_and_priced(tiny_models):
     assert any(sig[0] == "verify" for sig in fn.graphs)
     steps = SpeculativeSteps(lm.model, [ids], drafter=PromptLookupDrafter(), num_draft_tokens=None,
                              max_new_tokens=4, params=SamplingParams(), decode_fn=fn)
-    cost = steps._verify_cost_model(lm.model)
+    cost = steps._plan_verification(lm.model)
     assert cost(1) == cost(3) == verify_cost(lm.model, 4) < cost(4)  # padded to 4 rows / eager beyond
     assert verify_cost(lm.model, 5) == pytest.approx((verify_cost(lm.model, 4) + verify_cost(lm.model, 6)) / 2)
     with pytest.raises(InvalidArgumentError, match="verify_rows"):

@@ -272,26 +272,29 @@ def _window(cache: KVCache, length: int, dynamic: bool) -> _Window:
 
 
 # ------------------------------------------------------------------------------------- compiled step
-def _eager_verify(model, tokens, cache, slots, positions, mask):
+def verify_forward(model, tokens, cache, slots, positions, mask) -> torch.Tensor:
+    """Logits (T, V) of every position of row 0: tokens (1, T) written at cache slots (T,)."""
     return model(tokens, cache=cache, cache_position=slots, position_ids=positions, attention_mask=mask)[0]
 
 
-def _eager_fn(kind: str):
-    return _eager_verify if kind == "verify" else decode_step
+_FORWARDS = {"step": decode_step, "verify": verify_forward}  # what each kind of graph computes (eagerly)
 
 
 def _make_step(model: nn.Module, kind: str = "step") -> Callable[..., torch.Tensor]:
-    """step: logits (B, V) of the last position. verify: logits (T, V) of every position of row 0."""
-    if kind == "verify":
-        def verify(tokens, cache, slots, positions, mask):
-            return model(tokens, cache=cache, cache_position=slots, position_ids=positions, attention_mask=mask)[0]
-
-        return verify
+    """The function torch.compile traces: `_FORWARDS[kind]` with the model bound."""
+    forward = _FORWARDS[kind]
 
     def step(token, cache, slot, positions, mask):
-        return model(token, cache=cache, cache_position=slot, position_ids=positions, attention_mask=mask)[:, -1]
+        return forward(model, token, cache, slot, positions, mask)
 
     return step
+
+
+def pad_rows(tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """tokens (1, n) padded to (1, rows) by repeating the last one (their K/V land in slots that later
+    rounds overwrite before attending to them)."""
+    n = tokens.shape[1]
+    return tokens if n >= rows else torch.cat([tokens, tokens[:, -1:].expand(1, rows - n)], dim=1)
 
 
 def _tensor_sig(t: torch.Tensor | None) -> tuple | None:
@@ -405,19 +408,18 @@ class CompiledDecode:
         """Logits (n, V) for tokens (1, n) written at slots pos .. pos+n-1, through the compiled verification graph.
 
         Speculative decoding's verification forward: the tokens are padded to `verify_rows` (one static
-        shape; the padding's K/V land in later slots, which the next round overwrites before attending
-        to them), and on CPU each row is computed exactly as a one-token step would (models/ops.py).
+        shape, `pad_rows`); on CPU each row's matrix products are computed as in a one-token step
+        (models/ops.py), so the logits agree with T steps up to float rounding.
         positions: (1, >= pos + verify_rows) rotary positions of the slots, as the plain loop has them.
         Call only when can_verify(...) is True.
         """
         n, T = tokens.shape[1], self.verify_rows
-        if n < T:
-            tokens = torch.cat([tokens, tokens[:, -1:].expand(1, T - n)], dim=1)
+        tokens = pad_rows(tokens, T)
         slots = torch.arange(pos, pos + T, device=tokens.device)
         return self._run("verify", model, tokens, cache, slots, positions[:, pos:pos + T], None)[:n]
 
     def _run(self, kind, model, token, cache, slot, positions, mask):
-        eager = _eager_fn(kind)
+        eager = _FORWARDS[kind]
         if model is not self.model or self.failure is not None:
             return eager(model, token, cache, slot, positions, mask)
         sig = signature(token, cache, slot, positions, mask, kind)
@@ -637,10 +639,11 @@ def default_verify_rows(model: nn.Module) -> int:
     from L1, until the arithmetic costs more than streaming the weights. VERIFY_ROWS records where that
     happens for SmolLM2-135M on 2 threads (see VERIFY_COST). At least 2.
     """
-    return VERIFY_ROWS[_weight_kind(model)]  # (rows = 1 would verify no draft at all)
+    return VERIFY_ROWS[weight_kind(model)]  # (rows = 1 would verify no draft at all)
 
 
-def _weight_kind(model: nn.Module) -> str:
+def weight_kind(model: nn.Module) -> str:
+    """"int4", "int8" (quantized linears), else the activation dtype: "float32" or "bfloat16" (any 16-bit)."""
     kinds = {type(m).__name__ for m in model.modules()}
     if "Int4Linear" in kinds:
         return "int4"
@@ -654,7 +657,7 @@ def _weight_kind(model: nn.Module) -> str:
 def verify_cost(model: nn.Module, rows: int) -> float:
     """A compiled verification forward over `rows` tokens, in compiled one-token steps (VERIFY_COST, fixed:
     never timed at run time, so seeded runs stay reproducible; linear between and beyond the measured T)."""
-    table = VERIFY_COST[_weight_kind(model)]
+    table = VERIFY_COST[weight_kind(model)]
     if rows in table:
         return table[rows]
     ts = sorted(table)

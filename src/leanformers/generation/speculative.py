@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, LeanformersError
+from .compile import pad_rows, verify_cost, weight_kind
 from .decode import DEFAULT_PREFILL_CHUNK, Step
 from .kv_cache import KVCache
 from .sampling import SamplingParams, probabilities, process_logits
@@ -84,10 +85,7 @@ EAGER_F32_COST = {5: 1.20, 6: 1.29, 7: 1.30, 8: 1.30}
 
 def _eager_f32(model: nn.Module) -> bool:
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    dense = not any(type(m).__name__ in ("Int4Linear", "Int8Linear") for m in model.modules())
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    return p is not None and p.device.type == "cpu" and dense and norm is not None \
-        and norm.weight.dtype == torch.float32
+    return p is not None and p.device.type == "cpu" and weight_kind(model) == "float32"
 
 
 def verify_costs(model: nn.Module, compiled: bool = False) -> tuple[float, float]:
@@ -106,13 +104,12 @@ def verify_costs(model: nn.Module, compiled: bool = False) -> tuple[float, float
         fixed, per_token = verify_costs(model)
         s = COMPILED_CPU_STEP_SPEEDUP
         return (1 + fixed) * s - 1, per_token * s
-    kinds = {type(m).__name__ for m in model.modules()}
-    if "Int4Linear" in kinds:  # the CPU int4 kernel's time grows with the rows: 1.5x for 2-4 tokens, 2.9x for 8
+    kind = weight_kind(model)
+    if kind == "int4":  # the CPU int4 kernel's time grows with the rows: 1.5x for 2-4 tokens, 2.9x for 8
         return 0.4, 0.2
-    if "Int8Linear" in kinds:  # 1.25x for 2-4 tokens, 2x for 8
+    if kind == "int8":  # 1.25x for 2-4 tokens, 2x for 8
         return 0.2, 0.12
-    dtype = model.model.norm.weight.dtype if hasattr(model, "model") else p.dtype
-    return (0.45, 0.05) if dtype == torch.float32 else (0.0, 0.04)
+    return (0.45, 0.05) if kind == "float32" else (0.0, 0.04)
 
 
 # ------------------------------------------------------------------------------------------ drafters
@@ -132,14 +129,14 @@ class PromptLookupDrafter:
     cost = 0.0  # per drafted token, relative to one target forward
     max_k = 24
 
-    def catch_up_cost(self, seq_len: int) -> float:
-        return 0.0
-
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not (1 <= min_ngram <= max_ngram):
             raise InvalidArgumentError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.forwards = 0
+
+    def catch_up_cost(self, seq_len: int) -> float:
+        return 0.0  # nothing to feed: the lookup reads the text itself
 
     def start(self, prompt: list[int], max_len: int, params: SamplingParams, prefill_chunk: int) -> None:
         self._index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(self.max_ngram + 1)]
@@ -332,8 +329,9 @@ class SpeculativeSteps:
         }
 
     # adaptive k ---------------------------------------------------------------------------------
-    def _verify_cost_model(self, model: nn.Module) -> Callable[[int], float]:
-        """k -> time of the verification forward over k + 1 tokens, in one-token decode steps."""
+    def _plan_verification(self, model: nn.Module) -> Callable[[int], float]:
+        """Pick how rounds are verified (compiled graph: `_can_verify`; eager float32 padding: `_pad_rows`)
+        and return k -> time of the verification forward over k + 1 tokens, in one-token decode steps."""
         fn = self.decode_fn
         compiled = bool(getattr(fn, "is_compiled", False))
         fixed, per_token = verify_costs(model, compiled=compiled)
@@ -346,12 +344,10 @@ class SpeculativeSteps:
                                                 EAGER_F32_COST[last] + (k + 1 - last) * per_token)
         if not rows:
             return lambda k: 1 + fixed + k * per_token
-        from .compile import verify_cost
-
         padded = verify_cost(model, rows)  # any k + 1 <= rows costs the same (one static shape)
         return lambda k: padded if k + 1 <= rows else 1 + fixed + k * per_token
 
-    def _choose_k(self, key: Any) -> int:
+    def _choose_k(self, key: Any, seq_len: int) -> int:
         if self.fixed_k is not None:
             return self.fixed_k
         d = self.drafter
@@ -362,7 +358,7 @@ class SpeculativeSteps:
         # a model draft that fell behind (plain steps) first catches up: one extra draft step, or an eager
         # forward over the unseen tokens (~4 compiled target steps for SmolLM2's int4 self-draft), which
         # is what makes retries after long plain stretches unprofitable when drafting barely pays
-        extra = max(0.0, d.catch_up_cost(self._seq_len) - d.cost)
+        extra = max(0.0, d.catch_up_cost(seq_len) - d.cost)
         a_max, ceiling = 0.995, 0.0
         for k in range(1, d.max_k + 1):
             cost = self._round_cost(k) + k * d.cost + extra
@@ -414,15 +410,14 @@ class SpeculativeSteps:
         drafter.start(self.prompt, max_len, params, self.prefill_chunk)
 
         self._acceptance: dict[Any, tuple[float, float]] = {}  # key -> decayed (accepted, observed) counts
-        self._round_cost = self._verify_cost_model(model)
+        self._round_cost = self._plan_verification(model)
         while self.emitted < self.max_new_tokens:
             cap = self.max_new_tokens - self.emitted - 1  # the round emits up to k + 1 tokens
             draft: list[int] = []
             q = key = None
-            self._seq_len = len(seq)
             if cap > 0:
-                draft, q, key = drafter.propose(seq, lambda key: min(cap, self._choose_k(key)), params, generator,
-                                                need_hist)
+                draft, q, key = drafter.propose(seq, lambda key: min(cap, self._choose_k(key, len(seq))), params,
+                                                generator, need_hist)
             n = len(draft)
             pos = len(seq) - 1  # slot of the pending token
             inp = torch.tensor([[seq[-1], *draft]], device=device)
@@ -435,9 +430,7 @@ class SpeculativeSteps:
                 out = self.decode_fn.verify(model, inp, cache, pos, positions)  # compiled, (n + 1, V)
             elif n and n + 1 < self._pad_rows and pos + self._pad_rows <= max_len:
                 # eager float32: padded rows (their K/V land in later slots, overwritten before use) are cheaper
-                pad = self._pad_rows - n - 1
-                padded = torch.cat([inp, inp[:, -1:].expand(1, pad)], dim=1)
-                out = model(padded, cache=cache, cache_position=torch.arange(pos, pos + self._pad_rows,
+                out = model(pad_rows(inp, self._pad_rows), cache=cache, cache_position=torch.arange(pos, pos + self._pad_rows,
                                                                               device=device))[0, :n + 1]
             else:
                 out = model(inp, cache=cache, cache_position=slots)[0]  # (n + 1, V)
