@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import leanformers
+from leanformers.errors import InvalidArgumentError
 from leanformers.generation.compile import CompiledDecode, compile_decode
 from leanformers.generation.decode import decode_step
 
@@ -104,19 +105,21 @@ def test_compiled_logits_close_to_eager(compiled_mistral):
 
 def test_disk_cache_populated_and_reused_by_a_second_process(compiled_mistral, tiny_models, cache_dir):
     eager, lm = compiled_mistral
-    saved = list((cache_dir / "decode").glob("*.bin"))
+    saved = list((cache_dir / "decode").glob("*.pt2"))
     assert saved, "the compiled step was not saved"
     assert (cache_dir / "env.json").is_file()
     assert any(p.is_dir() and p.name not in ("decode",) for p in cache_dir.iterdir())  # Inductor's own caches
     script = f"""
-import json, time, torch
+import json, sys, time, torch
 import leanformers
 lm = leanformers.load({str(tiny_models["mistral"])!r}, dtype="float32", progress=False)
 t = time.perf_counter()
 lm.compile(cache_bucket=128, cache_dir={str(cache_dir)!r}, mode="default")
 dt = time.perf_counter() - t
 out = lm.generate({PROMPTS[0]!r}, max_new_tokens=20, ignore_eos=True).token_ids
-print(json.dumps({{"info": [v for v in lm.decode_fn.info.values()], "seconds": dt, "tokens": out}}))
+imported = [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]
+print(json.dumps({{"info": [v for v in lm.decode_fn.info.values()], "seconds": dt, "tokens": out,
+                  "imported": imported}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -124,6 +127,56 @@ print(json.dumps({{"info": [v for v in lm.decode_fn.info.values()], "seconds": d
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [i["how"] for i in result["info"]] == ["loaded"], result
     assert result["tokens"] == _greedy(eager, PROMPTS[0])
+    assert result["imported"] == [], result  # the saved package loads without Dynamo or Inductor
+
+
+def test_a_corrupt_package_is_rebuilt(tiny_models, tmp_path, caplog):
+    lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    lm.compile(cache_bucket=64, cache_dir=tmp_path)
+    [package] = (tmp_path / "decode").glob("*.pt2")
+    package.write_bytes(b"not a zip file")
+    again = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    with caplog.at_level(logging.INFO, logger="leanformers.compile"):
+        again.compile(cache_bucket=64, cache_dir=tmp_path)
+    assert [i["how"] for i in again.decode_fn.info.values()] == ["compiled"]
+    assert "unusable" in caplog.text and package.stat().st_size > 1000
+    eager = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    assert _greedy(again, PROMPTS[0]) == _greedy(eager, PROMPTS[0])
+
+
+def test_the_last_cache_slot_decodes_eagerly_and_correctly(compiled_mistral):
+    """The packages take window lengths up to the cache length - 1 (plain generation never needs more); a
+    step at the cache's last slot runs eagerly, and a request that fills the cache gives eager's tokens."""
+    eager, lm = compiled_mistral
+    fn, model = lm.decode_fn, lm.model
+    ids = (lm.tokenizer.encode(PROMPTS[1]) * 64)[:127]
+    logits = []
+    for _ in range(2):
+        with torch.inference_mode(False):
+            cache = model.make_cache(1, 128)
+        with torch.inference_mode():
+            model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(127))
+            step = fn if not logits else decode_step
+            logits.append(step(model, torch.tensor([[5]]), cache, torch.tensor([127]), torch.tensor([[127]]), None))
+            del cache
+    assert torch.equal(logits[0], logits[1])
+    n = 128 - len(ids[:20])
+    assert lm._cache_len([ids[:20]], n) == 128
+    assert _greedy(lm, ids[:20], n) == _greedy(eager, ids[:20], n)
+    assert len(fn.graphs) <= 2 and not fn.eager
+
+
+def test_artifact_key_includes_the_thread_count(compiled_mistral):
+    fn = compiled_mistral[1].decode_fn
+    sig = next(iter(fn.graphs))
+    threads = torch.get_num_threads()
+    try:
+        a = fn._artifact_path(sig)
+        torch.set_num_threads(threads + 1)
+        b = fn._artifact_path(sig)
+    finally:
+        torch.set_num_threads(threads)
+    assert a != b and a == fn._artifact_path(sig)
 
 
 def test_no_recompiles_across_steps_and_requests(tiny_models, cache_dir):
@@ -158,17 +211,35 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_models, caplog)
     assert _greedy(lm, PROMPTS[0]) == expected  # eager, same answer
 
 
-def test_no_compiler_means_eager_with_a_warning(tiny_models, caplog):
+def test_no_compiler_means_eager_with_a_warning(tiny_models, tmp_path, caplog):
     import torch._inductor.config as inductor_config
 
     lm = leanformers.load(str(tiny_models["smollm2"]), dtype="float32", progress=False)
     # config.patch restores the option afterwards (monkeypatch.setattr left it unreadable for later tests)
     with caplog.at_level(logging.WARNING, logger="leanformers.compile"), \
             inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
-        lm.compile(cache_bucket=128)
+        lm.compile(cache_bucket=128, cache_dir=tmp_path)
     assert lm.decode_fn is None and lm.cache_bucket is None  # plain eager decoding
+    assert "make_cache" not in lm.model.__dict__
     assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
     assert lm.generate("Hello", max_new_tokens=4, ignore_eos=True).token_ids
+
+
+def test_a_saved_package_needs_no_compiler(compiled_mistral, tiny_models, cache_dir):
+    import torch._inductor.config as inductor_config
+
+    eager = compiled_mistral[0]
+    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        lm.compile(cache_bucket=128, cache_dir=cache_dir, mode="default")
+    assert [i["how"] for i in lm.decode_fn.info.values()] == ["loaded"]
+    assert _greedy(lm, PROMPTS[2]) == _greedy(eager, PROMPTS[2])
+
+
+def test_an_unknown_mode_is_refused(tiny_models):
+    lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    with pytest.raises(InvalidArgumentError, match="unknown compile mode 'fastest'"):
+        lm.compile(mode="fastest")
 
 
 def test_a_different_model_is_decoded_eagerly(compiled_mistral, tiny_models):
@@ -185,10 +256,12 @@ def test_a_different_model_is_decoded_eagerly(compiled_mistral, tiny_models):
     assert torch.equal(a, b)
 
 
-def test_compiled_int8_greedy_equals_eager_int8(tiny_models, cache_dir):
-    # the compiled CPU step multiplies int8 weights in its own fused loops (models/ops.py), eager uses the kernel
-    eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
-    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize="int8", progress=False)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantized_greedy_equals_eager(tiny_models, cache_dir, scheme):
+    # the compiled CPU step multiplies int8 weights in its own fused loops (models/ops.py), eager uses the
+    # kernel; int4 calls the same CPU kernel in both, in its tensor-group-size form when compiled
+    eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize=scheme, progress=False)
+    lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", quantize=scheme, progress=False)
     lm.compile(cache_bucket=128, cache_dir=cache_dir)
     assert lm.decode_fn.is_compiled
     for prompt in PROMPTS:

@@ -401,6 +401,8 @@ class Int4Linear(nn.Module):
             zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
         self.register_buffer("weight_packed", _int4_pack(codes, self.backend, device))
         self.register_buffer("scales_zeros", torch.stack([scale.T, zero.T], dim=-1).contiguous().to(device))
+        # the group size as a tensor, for the compiled CPU step's form of the kernel (see forward)
+        self.register_buffer("group_size_tensor", torch.tensor(group_size, device=device), persistent=False)
         self.bias = None if bias is None else _frozen(bias.detach().to(device, dtype))
 
     @classmethod
@@ -470,7 +472,13 @@ class Int4Linear(nn.Module):
         else:
             if x.device.type != self.packed_for:
                 self._check_device(x.device)
-            out = _int4_mm(self.backend, x2.contiguous(), self.weight_packed, self.group_size, self.scales_zeros)
+            if self.backend == "cpu" and torch.compiler.is_compiling():
+                # The same CPU kernel, taking the group size as a tensor: given an int, Inductor makes
+                # that tensor itself, a constant an AOTInductor package without weights cannot provide.
+                out = torch.ops.quantized.int4mm_packed_weight_cpu(x2.contiguous(), self.weight_packed,
+                                                                   self.group_size_tensor, self.scales_zeros)
+            else:
+                out = _int4_mm(self.backend, x2.contiguous(), self.weight_packed, self.group_size, self.scales_zeros)
             if self._n_padded != self.out_features:
                 out = out[:, : self.out_features]
         if self.bias is not None:

@@ -3,7 +3,7 @@
     decode_fn = compile_decode(model)            # or compile_decode(lm); LanguageModel.compile() wraps it
     generate_steps(model, prompts, ..., decode_fn=decode_fn, cache_len=1024)
 
-Only the decode step is compiled (torch.compile, fullgraph=True, dynamic=False); prefill stays eager
+Only the decode step is compiled (one graph, no graph breaks, static shapes); prefill stays eager
 and runs the same layer code. Shapes are static: fixed batch size, and a fixed cache length obtained by
 rounding it up to a bucket (`LanguageModel.cache_bucket`), so every step of every request with the same
 (batch size, cache bucket) runs one graph. How attention sees the cache:
@@ -18,26 +18,27 @@ rounding it up to a bucket (`LanguageModel.cache_bucket`), so every step of ever
 On CPU the layer code switches, inside the compiled step only, to the GEMV and one-query attention of
 models/ops.py (broadcast-multiply + sum): Inductor turns them into streaming C++ loops that read the
 weights 2-3x faster than torch's one-row matmul kernels here, and fuses attention instead of calling
-SDPA per layer. Dynamo's guards are checked on a step's first call only; later calls are matched by
-`signature()` (their per-call cost was ~1 ms for SmolLM2), and Inductor's per-call size asserts are off.
+SDPA per layer.
 
 Disk cache, two layers (both under `$LEANFORMERS_CACHE/compile`, default `~/.cache/leanformers/compile`):
-- Inductor's own caches (FX graph cache, AOTAutograd cache, autotuning results, built kernels):
-  `TORCHINDUCTOR_CACHE_DIR` is pointed there (process-wide). Content-addressed by Inductor, never stale.
-- On CPU, the whole compiled step is also saved with torch's precompile API (`torch.compile(...)
-  .aot_compile()` + `save_compiled_function`; loaded by `torch.compiler.load_compiled_function`) under
-  `decode/<key>.bin`. Loading it skips Dynamo's trace of the 30-layer step, which is most of a warm
-  start with the Inductor caches alone (measured on SmolLM2-135M on 2 busy cores: the compile step of
-  a warm process took 15-19 s with the Inductor caches alone, 2.5-3.2 s with the saved step; a cold
-  compile is 40-110 s). Mega-cache (`torch.compiler.save_cache_artifacts`) only repackages the
-  Inductor caches (it still re-traces with Dynamo), and an AOTInductor package would need a
-  torch.export of the step and a C++ build per shape: both were not needed. Weights are graph
-  inputs (no freezing), so the key is the model's *structure* (config, module tree, parameter
-  shapes/dtypes/ties), the input shapes, the compile options, and the torch / leanformers versions
-  and source files; any change gives a new key. A file that does not load or whose guards reject the
-  inputs is deleted and the step recompiled.
+- On CPU, each graph is compiled ahead of time into an AOTInductor package, `decode/<key>.pt2`
+  (generation/aoti.py: torch.export with the window length dynamic, Inductor's kernels plus a C++
+  wrapper, no weights inside). A later process loads it with torch's C++ loader and binds the model's
+  own tensors to it: no Dynamo, no Inductor import, no guards; measured on SmolLM2-135M (2 threads),
+  the compile step of a warm process went from 2.5-3.0 s (a saved torch.compile artifact, which needs
+  ~1 s of Dynamo/Inductor imports and Dynamo's guard set-up) to 0.13-0.16 s, and a step runs ~3%
+  faster (C++ launches the kernels). A cold compile is 60-110 s.
+  The key is the model's *structure* (config, module tree, parameter shapes/dtypes/ties), the input
+  shapes, the mode, the thread count (baked into the C++ loops), and the torch / leanformers versions
+  and source files: any change gives a new key. A file that does not load is deleted and recompiled.
+  Window lengths outside a package's range (under 2, or the cache's last slot) run eagerly.
+- Inductor's own caches (FX graph cache, autotuning results, built kernels), used by the compiles:
+  `TORCHINDUCTOR_CACHE_DIR` is pointed there (process-wide) when something is compiled.
   Inductor's CPU vector-ISA probe (it builds and dlopens test programs in subprocesses: 1-20 s here)
   is done once and its answer recorded in `env.json`, then reused by later processes.
+Elsewhere (CUDA, other backends, precompile=False), or when the ahead-of-time build fails (logged), the
+step is torch.compile'd in-process ("jit", fullgraph=True, dynamic=False but for the window length).
+Nothing of Dynamo or Inductor is imported until something has to be compiled.
 
 Speculative decoding verifies k drafted tokens in one forward: `CompiledDecode.verify` runs it through a
 second compiled graph with a fixed number of rows (`verify_rows`, padded; compiled on first use and saved
@@ -73,6 +74,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..models import ops
+from . import aoti
 from .decode import decode_step
 from .kv_cache import KVCache
 
@@ -97,9 +99,11 @@ VERIFY_COST = {
     "int4": {1: 1.0, 2: 1.22, 3: 1.43, 4: 1.71, 6: 2.54, 8: 2.87},
 }
 VERIFY_ROWS = {"float32": 6, "bfloat16": 4, "int8": 2, "int4": 4}
+# torch.compile's modes, and whether each uses CUDA graphs (on CUDA)
+_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
 MAX_GRAPHS = 4  # distinct input signatures compiled per model before further ones stay eager
 _POOL_SETS = 2  # buffer sets kept per cache shape (a second one serves an overlapping request)
-_FORMAT = 1  # bump when the artifact key recipe changes
+_FORMAT = 2  # bump when the artifact key recipe changes
 # id(model) -> its CompiledDecode, while that object lives (it holds the model, so the id stays unique).
 # Not an attribute of the model: copy.deepcopy(model) must not copy compiled graphs.
 _COMPILED: "weakref.WeakValueDictionary[int, CompiledDecode]" = weakref.WeakValueDictionary()
@@ -183,6 +187,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------------- availability
+class CompileUnavailable(RuntimeError):
+    """Compilation cannot work here (no C++ compiler, no Triton, ...); CompiledDecode.failure says why."""
+
+
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile (Inductor) cannot work here, or None when it should."""
     try:
@@ -374,8 +382,11 @@ class CompiledDecode:
 
     def __init__(self, model: nn.Module, *, mode: str, options: dict[str, Any] | None, backend: Any,
                  cache_dir: Path | None, precompile: bool, cudagraphs: bool, window: bool = False,
-                 max_graphs: int = MAX_GRAPHS, verify_rows: int = 0):
+                 max_graphs: int = MAX_GRAPHS, verify_rows: int = 0, freezing: bool = False):
         self.model = model
+        self.device = model.model.embed_tokens.weight.device
+        self.freezing = freezing
+        self._prepared = options is not None or backend != "inductor"
         self.window = window
         self.mode = mode
         self.options = options
@@ -402,7 +413,7 @@ class CompiledDecode:
     def can_verify(self, model: nn.Module, n_rows: int, max_len: int, pos: int) -> bool:
         """Whether `verify` runs `n_rows` tokens at slots pos.. through a compiled graph (else: eager)."""
         return (model is self.model and self.failure is None and 0 < n_rows <= self.verify_rows
-                and pos + self.verify_rows <= max_len and not any(sig[0] == "verify" for sig in self.eager))
+                and pos + self.verify_rows < max_len and not any(sig[0] == "verify" for sig in self.eager))
 
     def verify(self, model, tokens: torch.Tensor, cache: KVCache, pos: int, positions: torch.Tensor) -> torch.Tensor:
         """Logits (n, V) for tokens (1, n) written at slots pos .. pos+n-1, through the compiled verification graph.
@@ -422,6 +433,9 @@ class CompiledDecode:
         eager = _FORWARDS[kind]
         if model is not self.model or self.failure is not None:
             return eager(model, token, cache, slot, positions, mask)
+        length = int(slot[-1]) + 1 if self.window else 0
+        if self.window and not 2 <= length < cache.max_len:  # outside the range the graphs were built for
+            return eager(model, token, cache, slot, positions, mask)
         sig = signature(token, cache, slot, positions, mask, kind)
         fn = self.graphs.get(sig)
         if fn is not None:
@@ -429,7 +443,7 @@ class CompiledDecode:
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 if self.window:
-                    return fn(token, _window(cache, int(slot[-1]) + 1, False), slot, positions, mask)
+                    return fn(token, _window(cache, length, False), slot, positions, mask)
                 return fn(token, cache, slot, positions, mask)
             except Exception as exc:
                 self._eager(sig, f"the compiled {kind} failed: {_describe(exc)}")
@@ -440,67 +454,88 @@ class CompiledDecode:
             self._eager(sig, f"{len(self.graphs)} input shapes are compiled already (max_graphs); "
                              "a fixed cache_bucket lets requests share one")
             return eager(model, token, cache, slot, positions, mask)
-        args = (token, _window(cache, int(slot[-1]) + 1, True) if self.window else cache, slot, positions, mask)
         try:
-            out = self._build(sig, args, kind)
+            return self._build(sig, kind, token, cache, slot, positions, mask)
+        except CompileUnavailable:  # self.failure says why (warned once)
+            return eager(model, token, cache, slot, positions, mask)
         except Exception as exc:
             self._eager(sig, f"compilation failed: {_describe(exc)}")
             return eager(model, token, cache, slot, positions, mask)
-        return out
 
     # ---------------------------------------------------------------------------------- building
-    def _build(self, sig: tuple, args: tuple, kind: str = "step") -> torch.Tensor:
+    def _prepare(self) -> None:
+        """Inductor's setup, once, before the first compilation (loading a saved package needs none of it:
+        importing torch._dynamo / torch._inductor alone takes ~1 s). Raises CompileUnavailable."""
+        if self._prepared:
+            return
+        reason = compile_unavailable_reason(self.device)
+        if reason is None:
+            try:
+                from torch._inductor import list_mode_options
+
+                options = dict(list_mode_options(self.mode))
+                if self.device.type == "cpu":  # the step's inputs are checked by signature(): no per-call asserts
+                    options.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
+                if self.freezing:
+                    options["freezing"] = True
+                configure_cache(self.cache_dir)
+                if self.device.type == "cpu":
+                    _setup_cpu_isa(self.cache_dir or default_cache_dir())
+                self.options = options
+            except Exception as exc:
+                reason = f"setting up Inductor failed: {_describe(exc)}"
+        if reason is not None:
+            self.failure = f"torch.compile is unavailable: {reason}"
+            log.warning("leanformers: decoding eagerly: %s", self.failure)
+            raise CompileUnavailable(self.failure)
+        self._prepared = True
+
+    def _build(self, sig: tuple, kind: str, token, cache, slot, positions, mask) -> torch.Tensor:
         t0 = time.perf_counter()
         B, S = sig[-1], sig[-2]
-        what = "decode step" if kind == "step" else f"verification step ({args[0].shape[1]} tokens)"
+        what = "decode step" if kind == "step" else f"verification step ({token.shape[1]} tokens)"
+        win = _window(cache, int(slot[-1]) + 1, False) if self.window else cache
+        args = (token, win, slot, positions, mask)
         if self.precompile:
             path = self._artifact_path(sig)
             if path.is_file():
                 try:
-                    with open(path, "rb") as f:
-                        fn = torch.compiler.load_compiled_function(f, external_data={"model": self.model})
-                    out = fn(*self._plain(args))
+                    fn = aoti.AOTIStep.load(path, self.model, _FORWARDS[kind], mask is not None)
+                    out = fn(*args)
                     self._done(sig, fn, "loaded", t0)
                     return out
                 except Exception as exc:
                     log.info("saved %s %s unusable (%s); compiling again", what, path.name, _describe(exc))
                     path.unlink(missing_ok=True)
+            self._prepare()
             log.info("compiling the %s (batch %d, cache %d); cached on disk afterwards", what, B, S)
             try:
-                fn = self._compiler(kind).aot_compile((args, {}))
+                aoti.package(path, self.model, _FORWARDS[kind], args, S - 1 if self.window else None, self.options)
+                fn = aoti.AOTIStep.load(path, self.model, _FORWARDS[kind], mask is not None)
             except Exception as exc:
-                from torch._dynamo.exc import Unsupported
-
-                if isinstance(exc, Unsupported):  # a graph break: torch.compile would fail the same way
-                    raise
-                log.info("precompiling the %s failed (%s); using torch.compile", what, _describe(exc))
+                log.info("compiling the %s ahead of time failed (%s); using torch.compile", what, _describe(exc))
+                path.unlink(missing_ok=True)
             else:
-                out = fn(*args)
                 try:
-                    fn.save_compiled_function(str(path), external_data={"model": self.model})
                     meta = {"signature": repr(sig), "kind": kind, "mode": self.mode, "torch": torch.__version__,
+                            "threads": torch.get_num_threads(),
                             "model": self._structure.get("config") if self._structure else None}
                     _atomic_write(path.with_suffix(".json"), json.dumps(meta, default=str, indent=1).encode())
-                except Exception as exc:
-                    log.warning("leanformers: could not save the compiled %s (%s); the next "
-                                "process compiles it again", what, _describe(exc))
-                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                out = fn(*args)
                 self._done(sig, fn, "compiled", t0)
                 return out
+        self._prepare()
         if kind not in self._jit:
             self._jit[kind] = self._compiler(kind)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+        if self.window:  # the window length is the step's one dynamic dimension
+            args = (token, _window(cache, int(slot[-1]) + 1, True), slot, positions, mask)
         out = self._jit[kind](*args)
         self._done(sig, self._jit[kind], "jit", t0)
         return out
-
-    def _plain(self, args: tuple) -> tuple:
-        """The arguments without Dynamo's mark_dynamic annotations (what later calls pass)."""
-        if not self.window:
-            return args
-        token, win, slot, positions, mask = args
-        return (token, _window(win, win.max_len, False), slot, positions, mask)
 
     def _compiler(self, kind: str = "step"):
         kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=self.backend)
@@ -511,18 +546,16 @@ class CompiledDecode:
     def _artifact_path(self, sig: tuple) -> Path:
         if self._structure is None:
             self._structure = structure_key(self.model)
+        # Inductor bakes the thread count into its C++ loops (`omp parallel num_threads(n)`)
         blob = json.dumps({"format": _FORMAT, "structure": self._structure, "signature": repr(sig),
-                           "mode": self.mode, "options": self.options, "window": self.window}, sort_keys=True, default=str)
+                           "mode": self.mode, "freezing": self.freezing, "window": self.window,
+                           "threads": torch.get_num_threads()}, sort_keys=True, default=str)
         key = hashlib.sha256(blob.encode()).hexdigest()[:40]
         folder = (self.cache_dir or default_cache_dir()) / "decode"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{key}.bin"
+        return folder / f"{key}.pt2"
 
     def _done(self, sig: tuple, fn, how: str, t0: float) -> None:
-        if how != "jit" and hasattr(fn, "disable_guard_check"):
-            # Dynamo's guards passed on this first call; later calls with the same signature (our
-            # own key: shapes, strides, dtypes, same model) skip them: ~1 ms per SmolLM2 step here.
-            fn.disable_guard_check()
         self.graphs[sig] = fn
         self.info[sig] = {"how": how, "seconds": round(time.perf_counter() - t0, 2)}
         what = "decode step" if sig[0] != "verify" else "verification step"
@@ -558,8 +591,9 @@ def compile_decode(
     cache_dir: where compiled artifacts persist (default: default_cache_dir()).
     warmup: compile (or load) now for `batch_size` rows and a `cache_len`-slot cache (default 1024,
         capped at the context length), so the first request does not wait for it.
-    precompile: also save/load the whole compiled step (skips Dynamo on a warm start); default: on
-        CPU only (CUDA graphs are set up by torch.compile's runtime).
+    precompile: compile each graph ahead of time into an AOTInductor package and load it from disk in
+        later processes (no Dynamo at all on a warm start); default: on CPU only (CUDA graphs are set
+        up by torch.compile's runtime).
     freezing: Inductor freezing (weights as constants). Off: it measured slower here, keeps a second
         (prepacked) copy of the weights, and its graphs cannot be saved.
     fuse: fuse q/k/v and gate/up projections first (model.fuse_projections()).
@@ -583,42 +617,24 @@ def compile_decode(
         model.fuse_projections()
     if mode is None:
         mode = DEFAULT_CUDA_MODE if device.type == "cuda" else DEFAULT_CPU_MODE
+    if mode not in _MODES:
+        raise InvalidArgumentError(f"unknown compile mode {mode!r}; choose one of {', '.join(sorted(_MODES))}")
     inductor = backend == "inductor"
-    options: dict[str, Any] | None = None
-    cudagraphs = False
-    reason = compile_unavailable_reason(device) if inductor else None
-    path: Path | None = None
-    if reason is None and inductor:
-        try:
-            from torch._inductor import list_mode_options
-
-            options = dict(list_mode_options(mode))
-            if device.type == "cpu":  # the step's inputs are checked by signature(): no per-call asserts
-                options.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
-            cudagraphs = bool(options.get("triton.cudagraphs")) and device.type == "cuda"
-            if freezing:
-                options["freezing"] = True
-            path = configure_cache(cache_dir)
-            if device.type == "cpu":
-                _setup_cpu_isa(path)
-        except Exception as exc:
-            reason = f"setting up Inductor failed: {_describe(exc)}"
+    cudagraphs = inductor and device.type == "cuda" and _MODES[mode]
     if precompile is None:
         precompile = device.type == "cpu" and inductor and not freezing
-    precompile = precompile and hasattr(torch.compiler, "load_compiled_function")
+    precompile = precompile and hasattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader")
     if window is None:
         window = not cudagraphs
     if verify_rows is None:
         verify_rows = default_verify_rows(model) if window and device.type == "cpu" else 0
     if not isinstance(verify_rows, int) or isinstance(verify_rows, bool) or not 0 <= verify_rows <= ops.MAX_ROWS:
         raise InvalidArgumentError(f"verify_rows must be an integer in [0, {ops.MAX_ROWS}], got {verify_rows!r}")
-    fn = CompiledDecode(model, mode=mode, options=options, backend=backend, cache_dir=path,
-                        precompile=precompile, cudagraphs=cudagraphs, window=window, max_graphs=max_graphs,
-                        verify_rows=verify_rows)
-    if reason is not None:
-        fn.failure = f"torch.compile is unavailable: {reason}"
-        log.warning("leanformers: decoding eagerly: %s", fn.failure)
-        return fn
+    path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
+    # Inductor is set up (~1 s of imports) only when something must be compiled: see CompiledDecode._prepare
+    fn = CompiledDecode(model, mode=mode, options=None, backend=backend, cache_dir=path, precompile=precompile,
+                        cudagraphs=cudagraphs, window=window, max_graphs=max_graphs, verify_rows=verify_rows,
+                        freezing=freezing)
     pool = KVCachePool(model, static_addresses=device.type == "cuda")
     model.make_cache = pool  # instance attribute: prefill and decode share the pooled buffers
     _COMPILED[id(model)] = fn  # so that changing the model (quantize_model) retires it: see release()
@@ -627,8 +643,11 @@ def compile_decode(
         warm_up(fn, batch_size=batch_size, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
         if speculative and fn.graphs:
             warm_up_verify(fn, cache_len=min(cache_len or DEFAULT_CACHE_LEN, context))
-        if not fn.graphs:
+        if not fn.graphs and fn.failure is None:
             fn.failure = next(iter(fn.eager.values()), "compilation failed")
+        if fn.failure is not None:  # nothing compiled: the model decodes as before
+            _COMPILED.pop(id(model), None)
+            model.__dict__.pop("make_cache", None)
     return fn
 
 
@@ -671,7 +690,7 @@ def verify_cost(model: nn.Module, rows: int) -> float:
 def release(model: nn.Module, why: str) -> None:
     """Retire the compiled decode step of `model`, if any, because `why` (the model changed under it).
 
-    Its graphs skip Dynamo's guards after their first call, so they must not see a changed model: the step
+    Its graphs are bound to the model's tensors and check no guards, so they must not see a changed model: the step
     decodes eagerly from then on, and the KV-cache pool (buffers of the old dtype) is removed.
     """
     fn = _COMPILED.pop(id(model), None)
@@ -695,8 +714,9 @@ def warm_up_verify(fn: CompiledDecode, *, cache_len: int = DEFAULT_CACHE_LEN) ->
         positions = torch.arange(cache_len, device=device).unsqueeze(0)
     with torch.inference_mode():
         tokens = torch.zeros(1, fn.verify_rows, dtype=torch.long, device=device)
-        if fn.can_verify(model, fn.verify_rows, cache_len, 0):
-            fn.verify(model, tokens, cache, 0, positions)
+        pos = max(0, min(16, cache_len - fn.verify_rows - 1))  # a window longer than the rows (as in use)
+        if fn.can_verify(model, fn.verify_rows, cache_len, pos):
+            fn.verify(model, tokens, cache, pos, positions)
     return time.perf_counter() - t0
 
 
