@@ -69,6 +69,10 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
                                       dynamic_shapes=dynamic, strict=False)
     configs = dict(options or {})
     configs["aot_inductor.package_constants_in_so"] = False
+    # every tensor the graph reads from the model stays a named constant that load() binds; otherwise a
+    # 0-d buffer (e.g. Int4Linear's group size) is inlined as a scalar, and where a kernel needs it as a
+    # tensor Inductor makes an anonymous constant that a package without weights cannot hold
+    configs["always_keep_tensor_constants"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.pt2")
     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)

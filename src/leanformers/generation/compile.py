@@ -513,7 +513,8 @@ class CompiledDecode:
                 aoti.package(path, self.model, _FORWARDS[kind], args, S - 1 if self.window else None, self.options)
                 fn = aoti.AOTIStep.load(path, self.model, _FORWARDS[kind], mask is not None)
             except Exception as exc:
-                log.info("compiling the %s ahead of time failed (%s); using torch.compile", what, _describe(exc))
+                log.warning("leanformers: compiling the %s ahead of time failed (%s); using torch.compile "
+                            "instead (not saved: every process compiles it again)", what, _describe(exc))
                 path.unlink(missing_ok=True)
             else:
                 try:
