@@ -84,3 +84,18 @@ def test_bench_load_small_runs():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| leanformers.load |" in proc.stdout
     assert "imports torch: no" in proc.stdout
+
+
+def test_prompt_lookup_bound_oracle_and_costs():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from prompt_lookup_bound import min_cost, oracle_matches
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    seq = [1, 2, 3, 4, 9, 1, 2, 3, 4, 9, 7]
+    # at 6 (after "... 9 1"), "9 1" never occurred before, "1" did: 2 3 4 9 follow, then 7 breaks it
+    assert oracle_matches(seq, 6) == [4, 3, 2, 1, 0]
+    assert oracle_matches([5, 6, 5, 6, 5, 6], 3) == [3, 2, 1]  # a repeating pattern copies from itself
+    assert min_cost([0, 0, 0], {2: 1.5}) == 3.0  # nothing to draft: plain steps
+    # one 4-token verification (3 drafts accepted + 1) beats 4 plain steps; then one plain step
+    assert min_cost([3, 2, 1, 0, 0], {4: 1.3}) == pytest.approx(2.3)
