@@ -267,7 +267,8 @@ def test_compiled_quantized_greedy_equals_eager(tiny_models, cache_dir, scheme):
     if scheme == "int4":
         assert {m.backend for m in lm.model.modules() if type(m).__name__ == "Int4Linear"} == {"cpu"}
     lm.compile(cache_bucket=128, cache_dir=cache_dir)
-    assert [i["how"] for i in lm.decode_fn.info.values()] == ["compiled"]  # a package, not the jit fallback
+    # a package (built here, or by an earlier test of this module), not the torch.compile fallback
+    assert [i["how"] in ("compiled", "loaded") for i in lm.decode_fn.info.values()] == [True]
     if scheme == "int8":  # float32 activations: the same greedy tokens
         for prompt in PROMPTS:
             assert _greedy(lm, prompt) == _greedy(eager, prompt)

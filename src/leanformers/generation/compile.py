@@ -434,7 +434,7 @@ class CompiledDecode:
         if model is not self.model or self.failure is not None:
             return eager(model, token, cache, slot, positions, mask)
         length = int(slot[-1]) + 1 if self.window else 0
-        if self.window and not 2 <= length < cache.max_len:  # outside the range the graphs were built for
+        if self.window and not aoti.MIN_WINDOW <= length < cache.max_len:  # outside the graphs' range
             return eager(model, token, cache, slot, positions, mask)
         sig = signature(token, cache, slot, positions, mask, kind)
         fn = self.graphs.get(sig)
