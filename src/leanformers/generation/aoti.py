@@ -15,6 +15,8 @@ directory must be writable by its owner only, like any build cache.
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,9 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
         kv_dims = {2: torch.export.Dim("window", min=MIN_WINDOW, max=max_window)}
     n_fixed = 4 if mask is not None else 3
     dynamic = (*[None] * n_fixed, tuple(kv_dims for _ in range(len(inputs) - n_fixed)))
-    with torch.no_grad():
-        program = torch.export.export(flat, tuple(inputs[:n_fixed]) + tuple(inputs[n_fixed:]),
-                                      dynamic_shapes=dynamic, strict=False)
+    with torch.no_grad(), warnings.catch_warnings():  # torch's own deprecation noise (LeafSpec)
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.export.export(flat, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     configs = dict(options or {})
     configs["aot_inductor.package_constants_in_so"] = False
     # every tensor the graph reads from the model stays a named constant that load() binds; otherwise a
@@ -74,9 +76,14 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
     # tensor Inductor makes an anonymous constant that a package without weights cannot hold
     configs["always_keep_tensor_constants"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.pt2")
-    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # another process may build the same key
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation noise from inside Inductor (LeafSpec)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AOTIStep:
