@@ -380,16 +380,16 @@ class CompiledDecode:
     reason and that signature runs eagerly from then on.
     """
 
-    def __init__(self, model: nn.Module, *, mode: str, options: dict[str, Any] | None, backend: Any,
-                 cache_dir: Path | None, precompile: bool, cudagraphs: bool, window: bool = False,
+    def __init__(self, model: nn.Module, *, mode: str, backend: Any,
+                 cache_dir: Path, precompile: bool, cudagraphs: bool, window: bool = False,
                  max_graphs: int = MAX_GRAPHS, verify_rows: int = 0, freezing: bool = False):
         self.model = model
         self.device = model.model.embed_tokens.weight.device
         self.freezing = freezing
-        self._prepared = options is not None or backend != "inductor"
+        self._prepared = backend != "inductor"  # Inductor's options and caches: set up by _prepare()
         self.window = window
         self.mode = mode
-        self.options = options
+        self.options: dict[str, Any] | None = None
         self.backend = backend
         self.cache_dir = cache_dir
         self.precompile = precompile
@@ -480,7 +480,7 @@ class CompiledDecode:
                     options["freezing"] = True
                 configure_cache(self.cache_dir)
                 if self.device.type == "cpu":
-                    _setup_cpu_isa(self.cache_dir or default_cache_dir())
+                    _setup_cpu_isa(self.cache_dir)
                 self.options = options
             except Exception as exc:
                 reason = f"setting up Inductor failed: {_describe(exc)}"
@@ -552,7 +552,7 @@ class CompiledDecode:
                            "mode": self.mode, "freezing": self.freezing, "window": self.window,
                            "threads": torch.get_num_threads()}, sort_keys=True, default=str)
         key = hashlib.sha256(blob.encode()).hexdigest()[:40]
-        folder = (self.cache_dir or default_cache_dir()) / "decode"
+        folder = self.cache_dir / "decode"
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{key}.pt2"
 
@@ -633,7 +633,7 @@ def compile_decode(
         raise InvalidArgumentError(f"verify_rows must be an integer in [0, {ops.MAX_ROWS}], got {verify_rows!r}")
     path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
     # Inductor is set up (~1 s of imports) only when something must be compiled: see CompiledDecode._prepare
-    fn = CompiledDecode(model, mode=mode, options=None, backend=backend, cache_dir=path, precompile=precompile,
+    fn = CompiledDecode(model, mode=mode, backend=backend, cache_dir=path, precompile=precompile,
                         cudagraphs=cudagraphs, window=window, max_graphs=max_graphs, verify_rows=verify_rows,
                         freezing=freezing)
     pool = KVCachePool(model, static_addresses=device.type == "cuda")
@@ -647,8 +647,7 @@ def compile_decode(
         if not fn.graphs and fn.failure is None:
             fn.failure = next(iter(fn.eager.values()), "compilation failed")
         if fn.failure is not None:  # nothing compiled: the model decodes as before
-            _COMPILED.pop(id(model), None)
-            model.__dict__.pop("make_cache", None)
+            _detach(model)
     return fn
 
 
@@ -688,14 +687,19 @@ def verify_cost(model: nn.Module, rows: int) -> float:
     return table[lo] + (rows - lo) * (table[hi] - table[lo]) / (hi - lo)
 
 
+def _detach(model: nn.Module) -> CompiledDecode | None:
+    """Unhook the compiled step's registry entry and KV-cache pool from `model`; the step, if there was one."""
+    model.__dict__.pop("make_cache", None)
+    return _COMPILED.pop(id(model), None)
+
+
 def release(model: nn.Module, why: str) -> None:
     """Retire the compiled decode step of `model`, if any, because `why` (the model changed under it).
 
     Its graphs are bound to the model's tensors and check no guards, so they must not see a changed model: the step
     decodes eagerly from then on, and the KV-cache pool (buffers of the old dtype) is removed.
     """
-    fn = _COMPILED.pop(id(model), None)
-    model.__dict__.pop("make_cache", None)
+    fn = _detach(model)
     if fn is None or fn.model is not model:
         return
     fn.graphs.clear()
