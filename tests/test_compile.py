@@ -16,6 +16,7 @@ import leanformers
 from leanformers.errors import InvalidArgumentError
 from leanformers.generation.compile import CompiledDecode, compile_decode
 from leanformers.generation.decode import decode_step
+from leanformers.memory import huge_pages_unavailable, in_huge_pages
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,9 @@ def test_compiled_greedy_equals_eager(compiled_mistral):
     for prompt in PROMPTS:  # different lengths, crossing the sliding window, one graph
         assert _greedy(lm, prompt) == _greedy(eager, prompt)
     assert len(fn.graphs) == 1 and not fn.eager, (fn.info, fn.eager)
+    if huge_pages_unavailable() is None:  # compile() moved the weights first (load(huge_pages=None))
+        assert all(in_huge_pages(p) for p in lm.model.parameters())
+        assert not any(in_huge_pages(p) for p in eager.model.parameters())
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])

@@ -45,6 +45,10 @@ MODES: dict[str, dict[str, Any]] = {
     "int8": {"lib": "leanformers", "quantize": "int8", "compile": True},
     "int4": {"lib": "leanformers", "quantize": "int4", "compile": True},
     "int8-eager": {"lib": "leanformers", "quantize": "int8"},
+    # the same with the weights left in ordinary 4 KiB pages (load(huge_pages=False)): the A/B of leanformers.memory
+    "compiled-fp32-4k": {"lib": "leanformers", "dtype": "float32", "compile": True, "huge_pages": False},
+    "compiled-bf16-4k": {"lib": "leanformers", "dtype": "bfloat16", "compile": True, "huge_pages": False},
+    "int4-4k": {"lib": "leanformers", "quantize": "int4", "compile": True, "huge_pages": False},
     "int4-eager": {"lib": "leanformers", "quantize": "int4"},
     "transformers-fp32": {"lib": "transformers", "dtype": "float32"},
     "transformers-bf16": {"lib": "transformers", "dtype": "bfloat16"},
@@ -211,12 +215,15 @@ def run_bench(
     _ratios(rows)
     import torch
 
+    from .memory import huge_pages_unavailable
+
     meta = {
         "model": model or "smollm2-135m-instruct", "model_path": prompts["model_path"], "runs": runs,
         "new_tokens": new_tokens, "prefill_tokens": len(prompts["prefill_ids"]),
         "chat_prompt_tokens": len(prompts["chat_ids"]), "threads": threads, "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg(),
+        "huge_pages": huge_pages_unavailable() or "weights in transparent huge pages (modes without -4k)",
     }
     return {"meta": meta, "rows": rows}
 
@@ -296,6 +303,8 @@ def _worker_leanformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
         kwargs["quantize"] = spec["quantize"]
     if spec.get("compile"):
         kwargs["compile"] = True
+    if "huge_pages" in spec:
+        kwargs["huge_pages"] = spec["huge_pages"]
     lm = leanformers.load(spec["model_path"], **kwargs)
     chat, long = spec["chat_ids"], spec["prefill_ids"]
     lm.generate(chat, max_new_tokens=1)

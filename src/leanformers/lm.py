@@ -17,6 +17,7 @@ from .generation.run import GenerationResult, fit_prompt, run_generation
 from .generation.sampling import SamplingParams
 from .hub import ResolvedModel, resolve
 from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
+from .memory import move_to_huge_pages
 from .tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class LanguageModel:
         self.decode_fn = None
         self.cache_bucket: int | None = None
         self.quantization: str | None = None  # "int8" / "int4" once quantized
+        self.huge_pages: bool | None = None  # CPU weights into huge pages: at compile() (None), at load (True), never
 
     @property
     def device(self) -> torch.device:
@@ -196,6 +198,8 @@ class LanguageModel:
 
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
+        if self.huge_pages and self.device.type == "cpu":
+            move_to_huge_pages(self.model)  # repacks: the replaced float weights' pages are freed
         self.quantization = scheme
         self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
         return self
@@ -214,6 +218,7 @@ class LanguageModel:
 
         bucket = cache_bucket or min(DEFAULT_CACHE_LEN, self.context_length)
         opts.setdefault("cache_len", bucket)
+        opts.setdefault("huge_pages", self.huge_pages is not False)
         fn = compile_decode(self.model, **opts)
         if fn.failure is None:
             self.decode_fn, self.cache_bucket = fn, bucket
@@ -235,6 +240,7 @@ def load(
     quantize: str | None = None,
     group_size: int = 32,
     compile: bool = False,
+    huge_pages: bool | None = None,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
@@ -244,6 +250,9 @@ def load(
     With quantize, dtype is the activation dtype (default: bfloat16 on CPU, logged). GGUF Q4_0/Q4_1
     weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
+    huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
+    (leanformers.memory: compiled decoding streams them 5-17% faster here; the copy costs 0.2-0.6 s per
+    540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -286,6 +295,9 @@ def load(
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
         lm.quantization = quantize
+    lm.huge_pages = huge_pages
+    if huge_pages and device.type == "cpu":
+        move_to_huge_pages(model)
     if compile:
         lm.compile()
     return lm

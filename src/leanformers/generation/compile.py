@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..memory import move_to_huge_pages
 from ..models import ops
 from . import aoti
 from .decode import decode_step
@@ -584,6 +585,7 @@ def compile_decode(
     max_graphs: int = MAX_GRAPHS,
     verify_rows: int | None = None,
     speculative: bool = False,
+    huge_pages: bool = True,
 ) -> CompiledDecode:
     """Compile the one-token decode step of a model (or of a LanguageModel); returns a DecodeFn.
 
@@ -608,6 +610,8 @@ def compile_decode(
         step); 0 = verification stays eager. Default: `default_verify_rows` on CPU, 0 elsewhere.
     speculative: with warmup, also compile (or load) the verification graph now; otherwise it is built
         by the first speculative request (draft=...).
+    huge_pages: on CPU, copy the weights (after fusing) into transparent huge pages before the step binds
+        them (leanformers.memory: 5-17% faster decoding here); a no-op where they are already.
 
     Never raises for a compile problem: it logs a warning with the reason and the returned function
     decodes eagerly (`.failure` or `.eager` say why, `.is_compiled` is False).
@@ -616,6 +620,8 @@ def compile_decode(
     device = model.model.embed_tokens.weight.device
     if fuse and hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if huge_pages and device.type == "cpu":
+        move_to_huge_pages(model)
     if mode is None:
         mode = DEFAULT_CUDA_MODE if device.type == "cuda" else DEFAULT_CPU_MODE
     if mode not in _MODES:

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, LeanformersError
+from ..memory import in_huge_pages, move_to_huge_pages
 from .compile import pad_rows, verify_cost, weight_kind
 from .decode import DEFAULT_PREFILL_CHUNK, Step
 from .kv_cache import KVCache
@@ -601,6 +602,9 @@ def self_draft(lm, scheme: str):
         model.__dict__.pop("make_cache", None)
         model = quantize_model(model, used, include_lm_head=False) or model
     model.eval()
+    huge = any(in_huge_pages(p) for p in lm.model.parameters())
+    if huge:  # the deepcopy shares one copy of the target's mapping: repacking keeps only what the draft uses
+        move_to_huge_pages(model)
     draft = LanguageModel(model, lm.tokenizer, lm.config, source=lm.source, files=lm.files,
                           generation_config=lm.generation_config)
     draft.quantization = used
@@ -609,7 +613,8 @@ def self_draft(lm, scheme: str):
     if getattr(target_fn, "is_compiled", False):
         from .compile import compile_decode
 
-        draft.decode_fn = compile_decode(model, mode=getattr(target_fn, "mode", None), warmup=False, fuse=False)
+        draft.decode_fn = compile_decode(model, mode=getattr(target_fn, "mode", None), warmup=False, fuse=False,
+                                        huge_pages=huge)
         draft.cache_bucket = lm.cache_bucket
     cached[scheme] = draft
     return draft
