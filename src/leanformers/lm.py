@@ -251,8 +251,7 @@ def load(
     weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
-    (leanformers.memory: compiled decoding streams them 5-17% faster here; the copy costs 0.2-0.6 s per
-    540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
+    (leanformers.memory: compiled decoding ran 11-53% faster here; the copy costs 0.1-0.8 s per 540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
     """
     if progress is None:
         progress = sys.stderr.isatty()
