@@ -91,6 +91,19 @@ def test_load_moves_only_when_asked_or_compiling(tiny_models):
 
 
 @pytest.mark.skipif(REASON is not None, reason=f"needs transparent huge pages: {REASON}")
+def test_quantizing_a_moved_model_frees_the_float_weights(tiny_models):
+    """load() then compile() moved the weights (huge_pages=None); quantize() repacks rather than keeping
+    the replaced float weights alive in the old mapping."""
+    lm = _model(tiny_models, dtype="float32")
+    move_to_huge_pages(lm.model)  # what compile() does first
+    old = weakref.ref(memory._arenas[-1][2]())
+    lm.quantize("int8")
+    gc.collect()
+    assert old() is None
+    assert all(in_huge_pages(t) for t in lm.model.buffers() if t.numel())
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"needs transparent huge pages: {REASON}")
 def test_only_used_bytes_are_copied(tiny_models):
     """A deepcopy of a moved model shares one copy of the whole mapping; repacking it after quantization
     copies only what the quantized model still uses."""

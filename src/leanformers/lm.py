@@ -17,7 +17,7 @@ from .generation.run import GenerationResult, fit_prompt, run_generation
 from .generation.sampling import SamplingParams
 from .hub import ResolvedModel, resolve
 from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
-from .memory import move_to_huge_pages
+from .memory import move_to_huge_pages, uses_huge_pages
 from .tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class LanguageModel:
 
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
-        if self.huge_pages and self.device.type == "cpu":
+        if self.device.type == "cpu" and (self.huge_pages or (self.huge_pages is None and uses_huge_pages(self.model))):
             move_to_huge_pages(self.model)  # repacks: the replaced float weights' pages are freed
         self.quantization = scheme
         self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
@@ -251,7 +251,8 @@ def load(
     weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
-    (leanformers.memory: compiled decoding ran 11-53% faster here; the copy costs 0.1-0.8 s per 540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
+    (leanformers.memory: compiled decoding ran 11-53% faster here; the copy costs 0.1-0.8 s per
+    540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
     """
     if progress is None:
         progress = sys.stderr.isatty()

@@ -59,6 +59,11 @@ def in_huge_pages(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.untyped_storage().nbytes() > 0 and _in_arena(t.untyped_storage().data_ptr())
 
 
+def uses_huge_pages(module: nn.Module) -> bool:
+    """True when any parameter or buffer of the module is in a mapping made by move_to_huge_pages."""
+    return any(in_huge_pages(t) for t in _movable(module))
+
+
 def _in_arena(ptr: int) -> bool:
     _arenas[:] = [a for a in _arenas if a[2]() is not None]
     return any(start <= ptr < end for start, end, _ in _arenas)

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, LeanformersError
-from ..memory import in_huge_pages, move_to_huge_pages
+from ..memory import move_to_huge_pages, uses_huge_pages
 from .compile import pad_rows, verify_cost, weight_kind
 from .decode import DEFAULT_PREFILL_CHUNK, Step
 from .kv_cache import KVCache
@@ -602,7 +602,7 @@ def self_draft(lm, scheme: str):
         model.__dict__.pop("make_cache", None)
         model = quantize_model(model, used, include_lm_head=False) or model
     model.eval()
-    huge = any(in_huge_pages(p) for p in lm.model.parameters())
+    huge = uses_huge_pages(lm.model)
     if huge:  # the deepcopy shares one copy of the target's mapping: repacking keeps only what the draft uses
         move_to_huge_pages(model)
     draft = LanguageModel(model, lm.tokenizer, lm.config, source=lm.source, files=lm.files,
