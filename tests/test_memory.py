@@ -13,7 +13,9 @@ import torch
 
 import leanformers
 from leanformers import memory
-from leanformers.memory import huge_pages_unavailable, in_huge_pages, move_to_huge_pages
+from leanformers.errors import InvalidArgumentError
+from leanformers.generation.compile import compile_decode
+from leanformers.memory import huge_pages_unavailable, in_huge_pages, move_to_huge_pages, uses_huge_pages
 from leanformers.quantize import quantize_model
 
 REASON = huge_pages_unavailable()
@@ -151,3 +153,17 @@ def test_smollm2_moved_weights_give_the_same_greedy_answer(smollm2_gguf):
     assert in_huge_pages(lm.model.lm_head.weight)
     assert lm.generate(prompt, max_new_tokens=16).token_ids == want
     assert "Paris" in lm.tokenizer.decode(want)
+
+
+def test_a_bad_huge_pages_argument_is_refused(tiny_models):
+    with pytest.raises(InvalidArgumentError, match="huge_pages must be None, True or False, got 'yes'"):
+        _model(tiny_models, huge_pages="yes")
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"needs transparent huge pages: {REASON}")
+def test_a_refused_compile_moves_nothing(tiny_models):
+    """Arguments are checked before the weights are copied."""
+    lm = _model(tiny_models)
+    with pytest.raises(InvalidArgumentError, match="unknown compile mode"):
+        compile_decode(lm.model, mode="fastest", fuse=False)
+    assert not uses_huge_pages(lm.model)

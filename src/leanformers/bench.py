@@ -45,15 +45,13 @@ MODES: dict[str, dict[str, Any]] = {
     "int8": {"lib": "leanformers", "quantize": "int8", "compile": True},
     "int4": {"lib": "leanformers", "quantize": "int4", "compile": True},
     "int8-eager": {"lib": "leanformers", "quantize": "int8"},
-    # the same with the weights left in ordinary 4 KiB pages (load(huge_pages=False)): the A/B of leanformers.memory
-    "compiled-fp32-4k": {"lib": "leanformers", "dtype": "float32", "compile": True, "huge_pages": False},
-    "compiled-bf16-4k": {"lib": "leanformers", "dtype": "bfloat16", "compile": True, "huge_pages": False},
-    "int4-4k": {"lib": "leanformers", "quantize": "int4", "compile": True, "huge_pages": False},
     "int4-eager": {"lib": "leanformers", "quantize": "int4"},
     "transformers-fp32": {"lib": "transformers", "dtype": "float32"},
     "transformers-bf16": {"lib": "transformers", "dtype": "bfloat16"},
     "llama.cpp": {"lib": "llama_cpp"},
 }
+# the same with the weights left in ordinary 4 KiB pages (load(huge_pages=False)): the A/B of leanformers.memory
+MODES.update({f"{m}-4k": dict(MODES[m], huge_pages=False) for m in ("compiled-fp32", "compiled-bf16", "int4")})
 DEFAULT_MODES = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "int8", "int4",
                  "transformers-fp32", "transformers-bf16", "llama.cpp"]
 QUICK_MODES = ["eager-fp32", "compiled-fp32", "transformers-fp32", "llama.cpp"]

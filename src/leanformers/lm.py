@@ -198,8 +198,8 @@ class LanguageModel:
 
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
-        if self.device.type == "cpu" and (self.huge_pages or (self.huge_pages is None and uses_huge_pages(self.model))):
-            move_to_huge_pages(self.model)  # repacks: the replaced float weights' pages are freed
+        if uses_huge_pages(self.model):  # repack: the pages of the replaced float weights are freed
+            move_to_huge_pages(self.model)
         self.quantization = scheme
         self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
         return self
@@ -258,6 +258,8 @@ def load(
         progress = sys.stderr.isatty()
     device = torch.device(device)
     wanted = parse_dtype(dtype)
+    if huge_pages not in (None, True, False):
+        raise InvalidArgumentError(f"huge_pages must be None, True or False, got {huge_pages!r}")
     if quantize is not None:
         from .quantize import check_scheme
 

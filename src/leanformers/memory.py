@@ -173,7 +173,6 @@ def move_to_huge_pages(module: nn.Module) -> int:
             if freed >= _TRIM_EVERY:
                 _trim()
                 freed = 0
-    del plan, by_storage, tensors
     _trim()
     log.debug("moved %.1f MB of weights into transparent huge pages", total / 1e6)
     return total

@@ -15,6 +15,7 @@ directory must be writable by its owner only, like any build cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -45,6 +46,14 @@ class _Flat(nn.Module):
         return self.forward_fn(self.model, tokens, cache, slots, positions, mask)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's own deprecation noise (LeafSpec) from inside export and Inductor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
+
+
 def _flat_inputs(tokens, cache, slots, positions, mask) -> list[torch.Tensor]:
     return [tokens, slots, positions, *([mask] if mask is not None else []), *cache.k, *cache.v]
 
@@ -66,8 +75,7 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
         kv_dims = {2: torch.export.Dim("window", min=MIN_WINDOW, max=max_window)}
     n_fixed = 4 if mask is not None else 3
     dynamic = (*[None] * n_fixed, tuple(kv_dims for _ in range(len(inputs) - n_fixed)))
-    with torch.no_grad(), warnings.catch_warnings():  # torch's own deprecation noise (LeafSpec)
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    with torch.no_grad(), _quiet():
         program = torch.export.export(flat, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     configs = dict(options or {})
     configs["aot_inductor.package_constants_in_so"] = False
@@ -78,8 +86,7 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # another process may build the same key
     try:
-        with warnings.catch_warnings():  # torch's own deprecation noise from inside Inductor (LeafSpec)
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        with _quiet():
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         tmp.replace(path)
     finally:

@@ -620,8 +620,6 @@ def compile_decode(
     device = model.model.embed_tokens.weight.device
     if fuse and hasattr(model, "fuse_projections"):
         model.fuse_projections()
-    if huge_pages and device.type == "cpu":
-        move_to_huge_pages(model)
     if mode is None:
         mode = DEFAULT_CUDA_MODE if device.type == "cuda" else DEFAULT_CPU_MODE
     if mode not in _MODES:
@@ -638,6 +636,8 @@ def compile_decode(
     if not isinstance(verify_rows, int) or isinstance(verify_rows, bool) or not 0 <= verify_rows <= ops.MAX_ROWS:
         raise InvalidArgumentError(f"verify_rows must be an integer in [0, {ops.MAX_ROWS}], got {verify_rows!r}")
     path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
+    if huge_pages and device.type == "cpu":  # arguments checked; before any graph binds the weights
+        move_to_huge_pages(model)
     # Inductor is set up (~1 s of imports) only when something must be compiled: see CompiledDecode._prepare
     fn = CompiledDecode(model, mode=mode, backend=backend, cache_dir=path, precompile=precompile,
                         cudagraphs=cudagraphs, window=window, max_graphs=max_graphs, verify_rows=verify_rows,
