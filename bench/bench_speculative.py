@@ -5,16 +5,18 @@
 
 Prompts: bench/prompts/grounded/*.txt (the answer copies from the input: rename a variable, copy and extend
 a passage, answer with quotes, fix a bug, convert a list to JSON) and bench/prompts/open/*.txt
-(open-ended chat). The chat template is applied, decoding is greedy, EOS ends generation (so rows of the
-same prompt produce the same tokens when they are identical: the `same` column checks token ids against
-plain decoding of the same library and mode).
+(open-ended chat). The chat template is applied, decoding is greedy, and every row decodes exactly
+--max-new-tokens tokens (EOS ignored; --stop-at-eos to stop there), so every library and mode does the
+same work; the `same` column checks token ids against plain decoding of the same library and mode.
 
-All models are loaded (and compiled, self-drafts built, warmed up) first; then each prompt runs through
-every mode and library back to back (plain first), so load changes on a shared machine hit all rows of
-that prompt alike. Per group of prompts: decode tok/s = (new tokens - 1 per prompt) / time after
-the target's prefill (leanformers: the run's own prefill time; a draft model's prefill counts as decode;
-transformers: wall time minus a separately timed 1-token generation), and end-to-end tok/s = new tokens /
-wall time (prefill included). Speedups are against plain decoding of the same library and mode.
+All models are loaded (and compiled, self-drafts built, warmed up) first; then, for each of --rounds
+rounds, each prompt runs through every mode and library back to back (plain first), so load changes on a
+shared machine hit all rows of that prompt alike. Per group of prompts and round: decode tok/s = (new
+tokens - 1 per prompt) / time after the target's prefill (leanformers: the run's own time to the first
+token; a draft model's prefill counts as decode; transformers: wall time minus a separately timed 1-token
+generation), and end-to-end tok/s = new tokens / wall time (prefill included). Reported: the median over
+rounds and its range; speedups are medians of the per-round ratios to plain decoding of the same library
+and mode.
 
 transformers rows: its own prompt lookup (`prompt_lookup_num_tokens=10`) and assisted generation with
 `assistant_model=` a second transformers copy of the same GGUF model (the bundled SmolLM2-135M is the
@@ -31,6 +33,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,13 +60,13 @@ def load_prompts(limit: int | None) -> list[tuple[str, str, str]]:
     return out
 
 
-def lf_rows(lm, ids, max_new, configs, mode):
+def lf_rows(lm, ids, max_new, configs, mode, ignore_eos=True):
     """Run plain + each draft config for one prompt; returns rows."""
     rows = []
     base = None
     for name, draft in configs:
         t0 = time.perf_counter()
-        r = lm.generate(ids, max_new_tokens=max_new, draft=draft)
+        r = lm.generate(ids, max_new_tokens=max_new, draft=draft, temperature=0.0, ignore_eos=ignore_eos)
         wall = time.perf_counter() - t0
         s = r.stats
         if base is None:
@@ -78,7 +81,7 @@ def lf_rows(lm, ids, max_new, configs, mode):
     return rows
 
 
-def hf_rows(model, assistant, tok, ids, max_new, eos, mode="fp32"):
+def hf_rows(model, assistant, tok, ids, max_new, eos, mode="fp32", ignore_eos=True):
     rows = []
     base = None
     x = torch.tensor([ids])
@@ -94,6 +97,8 @@ def hf_rows(model, assistant, tok, ids, max_new, eos, mode="fp32"):
     for name, kw in configs:
         t0 = time.perf_counter()
         with torch.inference_mode():
+            if ignore_eos:
+                kw = dict(kw, min_new_tokens=max_new)
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
                                  eos_token_id=eos, pad_token_id=eos, **kw)
         wall = time.perf_counter() - t0
@@ -108,7 +113,24 @@ def hf_rows(model, assistant, tok, ids, max_new, eos, mode="fp32"):
 
 
 def summarize(rows):
-    """Aggregate rows by (library, mode, config, group)."""
+    """Aggregate rows by (library, mode, config, group): medians over rounds (and their ranges)."""
+    rounds = sorted({r.get("round", 0) for r in rows})
+    per_round = [_summarize_round([r for r in rows if r.get("round", 0) == k]) for k in rounds]
+    out: dict[tuple, dict] = {}
+    for key in per_round[0]:
+        gs = [pr[key] for pr in per_round if key in pr]
+        g = dict(gs[0])
+        for field in ("tok_s", "decode_tok_s", "speedup", "decode_speedup"):
+            vals = [x[field] for x in gs if x[field] is not None]
+            g[field] = statistics.median(vals) if vals else None
+            g[f"{field}_range"] = (min(vals), max(vals)) if vals else None
+        g["same"] = min(x["same"] for x in gs)  # identical in every round
+        g["rounds"] = len(gs)
+        out[key] = g
+    return out
+
+
+def _summarize_round(rows):
     groups: dict[tuple, dict] = {}
     for r in rows:
         key = (r["library"], r["mode"], r["config"], r["group"])
@@ -146,7 +168,14 @@ def table(groups) -> str:
         tpf = f"{g['tokens_per_forward']:.2f}" if g["tokens_per_forward"] else (na or "1.00")
         sp = f"{g['speedup']:.2f}x" if g["speedup"] else "-"
         dsp = f"{g['decode_speedup']:.2f}x" if g["decode_speedup"] else "-"
-        lines.append(f"| {group} | {lib} | {mode} | {config} | {g['tokens']} | {g['decode_tok_s']:.1f} | {dsp} | "
+        if g.get("decode_speedup_range") and g["rounds"] > 1 and config != "plain":
+            lo, hi = g["decode_speedup_range"]
+            dsp += f" ({lo:.2f}-{hi:.2f})"
+        dec = f"{g['decode_tok_s']:.1f}"
+        if g.get("decode_tok_s_range") and g["rounds"] > 1:
+            lo, hi = g["decode_tok_s_range"]
+            dec += f" ({lo:.0f}-{hi:.0f})"
+        lines.append(f"| {group} | {lib} | {mode} | {config} | {g['tokens']} | {dec} | {dsp} | "
                      f"{g['tok_s']:.1f} | {sp} | {g['same']}/{g['prompts']} | {acc} | {tpf} |")
     return "\n".join(lines)
 
@@ -154,6 +183,8 @@ def table(groups) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all prompts and rows (median reported)")
+    ap.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (rows then decode different counts)")
     ap.add_argument("--modes", default="fp32,bf16,compiled-fp32,compiled-bf16,compiled-int8,compiled-int4",
                     help="comma list of fp32, bf16, int8, int4 (load(quantize=...)), each optionally compiled-*")
     ap.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers precisions (assisted decoding: fp32 only)")
@@ -181,7 +212,7 @@ def main() -> None:
         if mode.startswith("compiled"):
             t0 = time.perf_counter()
             lm.compile(speculative=True)  # the step and the verification graph
-            if lm.decode_fn is None:
+            if not lm.step.is_compiled:
                 print(f"skipping {mode}: compilation is not available here", file=sys.stderr)
                 continue
             print(f"[{mode}] compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -189,9 +220,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for d in mode_drafts:
             if d.startswith("self-"):
-                from leanformers.generation.speculative import self_draft
-
-                self_draft(lm, d.removeprefix("self-"))  # built once per model, not timed per request
+                lm._self_draft(d.removeprefix("self-"))  # built once per model, not timed per request
         print(f"[{mode}] self-drafts built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         configs = [("plain", None)] + [(d, d) for d in mode_drafts]
         warm = lm.tokenizer.encode("Hello, how are you? Hello, how", add_special_tokens=False)
@@ -204,7 +233,7 @@ def main() -> None:
             ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                                        add_generation_prompt=True),
                                       add_special_tokens=False)
-            out = lf_rows(lm, ids, args.max_new_tokens, configs, mode)
+            out = lf_rows(lm, ids, args.max_new_tokens, configs, mode, ignore_eos=not args.stop_at_eos)
             for r in out:
                 r.update(prompt_tokens=len(ids))
             return out
@@ -230,7 +259,8 @@ def main() -> None:
                 if hasattr(ids, "keys"):
                     ids = ids["input_ids"]
                 ids = list(ids)
-                out = hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos, hf_mode)
+                out = hf_rows(model, assistant, tok, ids, args.max_new_tokens, eos, hf_mode,
+                              ignore_eos=not args.stop_at_eos)
                 for r in out:
                     r.update(prompt_tokens=len(ids))
                 return out
@@ -238,18 +268,18 @@ def main() -> None:
             runners.append((f"hf-{hf_mode}", run_hf))
 
     # ---- the measurements: per prompt, every mode and library back to back
-    for group, name, text in prompts:
+    for round_, (group, name, text) in ((k, p) for k in range(args.rounds) for p in prompts):
         load = os.getloadavg()[0]
         for label, run in runners:
             for r in run(group, name, text):
-                r.update(group=group, prompt=name, load_average=load)
+                r.update(group=group, prompt=name, load_average=load, round=round_)
                 rows.append(r)
                 print(f"[{label}] {group}/{name} {r['config']}: {r['tokens']} tok in {r['wall_s']:.1f}s "
                       f"({r['tokens'] / r['wall_s']:.1f} tok/s) same={r['same']} "
                       f"acc={r['accepted']}/{r['drafted']}", file=sys.stderr)
     # cross-library check: leanformers fp32 plain vs transformers plain
     lf = {r["prompt"]: r["token_ids"] for r in rows if r["library"] == "leanformers" and r["mode"] == "fp32"
-          and r["config"] == "plain"}
+          and r["config"] == "plain" and r["round"] == 0}
     for r in rows:
         if r["library"] == "transformers" and r["config"] == "plain" and r["prompt"] in lf:
             r["same_as_leanformers_fp32"] = r["token_ids"] == lf[r["prompt"]]
@@ -269,7 +299,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(info, indent=1))
     m = info["machine"]
     Path(args.out).with_suffix(".md").write_text(
-        f"# Speculative decoding, {path.name}, greedy, up to {args.max_new_tokens} new tokens\n\n"
+        f"# Speculative decoding, {path.name}, greedy, {args.max_new_tokens} new tokens"
+        f"{' (stopping at EOS)' if args.stop_at_eos else ''}, median of {args.rounds} rounds (range)\n\n"
         f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} thread(s); "
         f"load average at the end {m['load_average'][0]:.2f}. Generated by bench/bench_speculative.py.\n\n{md}\n")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}", file=sys.stderr)

@@ -38,9 +38,9 @@ except ImportError:  # pragma: no cover - the machine lacks torch
     sys.exit("gpu_check: torch is not installed (pip install torch>=2.5 with CUDA)")
 
 from leanformers.config import ModelConfig  # noqa: E402
-from leanformers.generation.compile import compile_decode  # noqa: E402
-from leanformers.generation.decode import generate_steps  # noqa: E402
-from leanformers.generation.sampling import SamplingParams  # noqa: E402
+from leanformers.compile import compile_decode  # noqa: E402
+from leanformers.generation.decode import DecodeStep, generate_tokens  # noqa: E402
+from leanformers.generation.sampling import Sampler, SamplingParams  # noqa: E402
 from leanformers.models.llama import LlamaForCausalLM  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -69,23 +69,27 @@ def random_model(cfg: dict, *, seed: int, device: str, dtype: torch.dtype) -> Ll
             else:
                 scale = (4.0 if name.startswith("lm_head") else 1.0) / p.shape[-1] ** 0.5
                 p.copy_(scale * torch.randn(p.shape, generator=g, device=device))
-    from leanformers.models.llama import rope_inv_freq
+    from leanformers.models.ops import rope_inv_freq
 
     model = model.to(dtype).eval()
-    model.inv_freq = rope_inv_freq(config).to(device)  # float32, as the loader keeps it
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)  # float32
     model.requires_grad_(False)
     return model
 
 
-def greedy(model, prompt: list[int], n: int, *, decode_fn=None, cache_len: int | None = None):
-    """(tokens, per-step logits (n, V) float32 on CPU)."""
-    kwargs = {} if decode_fn is None else {"decode_fn": decode_fn}
-    steps = generate_steps(model, [prompt], max_new_tokens=n, params=SamplingParams(), cache_len=cache_len, **kwargs)
-    return [s.tokens[0] for s in steps]
+def greedy(model, prompt: list[int], n: int, *, step=None):
+    """Greedy tokens of `prompt` through `step` (default: the eager step); a compiled step must run compiled."""
+    step = step or DecodeStep(model)
+    before = dict(getattr(step, "calls", {}))
+    steps = generate_tokens(step, [prompt], max_new_tokens=n, sampler=Sampler(SamplingParams()))
+    tokens = [s.tokens[0] for s in steps]
+    if hasattr(step, "calls") and step.calls["eager"] != before.get("eager", 0):
+        raise RuntimeError(f"the compiled step fell back to eager: {step.eager or step.failure}")
+    return tokens
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     with torch.inference_mode():
         return model(torch.tensor([ids], device=device))[0].float().cpu()
 
@@ -115,12 +119,14 @@ def parity(device: str, mode: str | None, n_tokens: int) -> tuple[list[dict], bo
                 fn = None
                 if compiled:
                     t0 = time.perf_counter()
-                    fn = compile_decode(model, mode=mode, cache_len=256, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
+                    fn = compile_decode(model, mode=mode, cache_bucket=256, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
                     row["compile_s"] = round(time.perf_counter() - t0, 1)
                     if fn.failure:
                         raise RuntimeError(f"compile fell back to eager: {fn.failure}")
                 logits = full_logits(model, prompt)
-                tokens = greedy(model, prompt, n_tokens, decode_fn=fn, cache_len=256 if compiled else None)
+                tokens = greedy(model, prompt, n_tokens, step=fn)
+                if fn is not None:
+                    row["compiled_steps"] = fn.calls["compiled"]
                 diff = (logits - ref_logits).abs().max().item() / scale
                 same = sum(a == b for a, b in zip(tokens, ref_tokens))
                 first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
@@ -143,13 +149,12 @@ def parity(device: str, mode: str | None, n_tokens: int) -> tuple[list[dict], bo
 
 
 # ------------------------------------------------------------------------------------------- (b) speed
-def decode_speed(model, device: str, *, prompt_len: int, new_tokens: int, decode_fn=None, cache_len=None) -> float:
+def decode_speed(model, device: str, *, prompt_len: int, new_tokens: int, step=None) -> float:
     """Decode tok/s of one greedy request (prefill excluded), EOS ignored."""
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
-    kwargs = {} if decode_fn is None else {"decode_fn": decode_fn}
-    steps = generate_steps(model, [prompt], max_new_tokens=new_tokens, params=SamplingParams(),
-                           cache_len=cache_len, **kwargs)
+    steps = generate_tokens(step or DecodeStep(model), [prompt], max_new_tokens=new_tokens,
+                            sampler=Sampler(SamplingParams()))
     next(steps)  # prefill + first token
     sync(device)
     t0 = time.perf_counter()
@@ -188,17 +193,21 @@ def speed(device: str, cfg: dict, mode: str | None, new_tokens: int, runs: int, 
 
                 model.fuse_projections()
                 quantize_model(model, q)
-                row["mode"] = f"{kind} {q} (activations {str(model.model.norm.weight.dtype).removeprefix('torch.')})"
+                row["mode"] = f"{kind} {q} (activations {str(model.dtype).removeprefix('torch.')})"
             fn = None
             if kind == "compiled":
-                fn = compile_decode(model, mode=mode, cache_len=cache_len, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
+                fn = compile_decode(model, mode=mode, cache_bucket=cache_len, cache_dir=os.environ.get("GPU_CHECK_CACHE"))
                 if fn.failure:
                     raise RuntimeError(f"compile fell back to eager: {fn.failure}")
             row["setup_s"] = round(time.perf_counter() - t0, 1)
-            decode_speed(model, device, prompt_len=prompt_len, new_tokens=8, decode_fn=fn, cache_len=cache_len)
-            speeds = sorted(decode_speed(model, device, prompt_len=prompt_len, new_tokens=new_tokens, decode_fn=fn,
-                                         cache_len=cache_len if fn is not None else None) for _ in range(runs))
+            decode_speed(model, device, prompt_len=prompt_len, new_tokens=8, step=fn)
+            speeds = sorted(decode_speed(model, device, prompt_len=prompt_len, new_tokens=new_tokens, step=fn)
+                            for _ in range(runs))
             row["decode_tok_s"] = round(speeds[len(speeds) // 2], 1)
+            if fn is not None:  # every timed step ran compiled (a fallback would time eager decoding)
+                row["eager_steps"] = fn.calls["eager"]
+                if fn.calls["eager"] or fn.failure:
+                    raise RuntimeError(f"the compiled step fell back to eager: {fn.eager or fn.failure}")
             if device.startswith("cuda"):
                 row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         except Exception as exc:

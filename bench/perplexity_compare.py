@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import leanformers
-from leanformers.perplexity import perplexity, perplexity_text, windows
+from leanformers.eval.perplexity import perplexity, perplexity_text, windows
 
 CONFIGS = {
     # name: load() keyword arguments

@@ -7,7 +7,7 @@ greedy output is generated once. Then, at every position of the output, an *orac
 earlier occurrences of the text's last 1-3 tokens and takes the one whose continuation matches the true
 output longest (the real drafter must guess: the most recent, or the one its last proposal came from).
 A dynamic program then picks, per position, a plain step (cost 1) or a verification of T = 2..8 tokens
-(cost VERIFY_COST[kind][T] one-token steps, the measured compiled costs, as if a graph of every size
+(cost costs.json's compiled_verify[kind][T] one-token steps, the measured compiled costs, as if a graph of every size
 existed), advancing by the accepted drafts + 1, to minimize the total cost. tokens / cost is an upper
 bound on prompt lookup's speedup over plain decoding of the same compiled mode: it ignores drafting and
 Python time per round and knows the future. Eager float32 costs (EAGER_F32_COST, T <= 8) give the bound
@@ -84,12 +84,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import leanformers
     from bench_speculative import gguf_path
-    from leanformers.generation.compile import VERIFY_COST
-    from leanformers.generation.speculative import EAGER_F32_COST
+    from leanformers.speculative import costs
 
     lm = leanformers.load(str(gguf_path()), dtype="float32", progress=False)
-    tables = {f"compiled {k}": interpolate(v, range(1, 9)) for k, v in VERIFY_COST.items()}
-    eager = {2: 1.61, 3: 1.94, 4: 1.36, **EAGER_F32_COST}  # measured eager float32 forwards (bench/results/verify_costs.md)
+    tables = {f"compiled {k}": interpolate({int(t): c for t, c in v.items()}, range(1, 9))
+              for k, v in costs.table()["compiled_verify"].items()}
+    # measured eager float32 forwards (bench/results/verify_costs.md)
+    eager = {2: 1.61, 3: 1.94, 4: 1.36, **costs.eager_float32_padding()[1]}
     tables["eager float32"] = eager
     rows = []
     total_tokens, total_cost = 0, {k: 0.0 for k in tables}

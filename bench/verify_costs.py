@@ -4,8 +4,9 @@
 
 For each mode and T: SmolLM2-135M (bundled GGUF) compiled with `verify_rows=T`; then, at cache
 position ~300 of a 1024-slot cache, the median of 40 calls of the compiled one-token step and of the
-compiled verification (T tokens), calls interleaved. Prints a Markdown table; the VERIFY_ROWS / VERIFY_COST constants in
-leanformers/generation/compile.py come from it. Compiles each T once (cached on disk afterwards).
+compiled verification (T tokens), calls interleaved. Prints a Markdown table; the compiled_verify /
+compiled_verify_rows entries of src/leanformers/speculative/costs.json come from it. Compiles each T once
+(cached on disk afterwards).
 """
 
 from __future__ import annotations
@@ -48,19 +49,16 @@ def measure(mode: str, rows: list[int]) -> list[tuple[int, float, float]]:
     for T in rows:
         lm = leanformers.load(str(gguf_path()), progress=False, **MODES[mode])
         lm.compile(cache_bucket=1024, verify_rows=T)
-        fn, model = lm.decode_fn, lm.model
+        fn, model = lm.step, lm.model
         with torch.inference_mode(False):
-            cache = model.make_cache(1, 1024)
-            positions = torch.arange(1024).unsqueeze(0)
+            cache = fn.make_cache(1, 1024)
         pos = 300
         with torch.inference_mode():
-            model(torch.randint(0, 1000, (1, pos)), cache=cache, cache_position=torch.arange(pos))
-            tok = torch.tensor([[42]])
-            toks = torch.randint(0, 1000, (1, T))
-            assert fn.can_verify(model, T, 1024, pos)
-            step, verify = median_ms([
-                lambda: fn(model, tok, cache, torch.tensor([pos]), positions[:, pos:pos + 1], None),
-                lambda: fn.verify(model, toks, cache, pos, positions)])
+            model(torch.randint(0, 1000, (1, pos)), cache=cache, positions=torch.arange(pos))
+            tok, tok_pos = torch.tensor([[42]]), torch.tensor([[pos]])
+            toks, toks_pos = torch.randint(0, 1000, (1, T)), torch.arange(pos, pos + T).unsqueeze(0)
+            assert fn.can_verify(T, 1024, pos)
+            step, verify = median_ms([lambda: fn(tok, tok_pos, cache), lambda: fn.verify(toks, toks_pos, cache)])
         assert not fn.eager, fn.eager
         out.append((T, step, verify))
         print(f"| {mode} | {T} | {step:.2f} | {verify:.2f} | {verify / step:.2f} |", flush=True)

@@ -10,43 +10,46 @@ from pathlib import Path
 
 import pytest
 
-from leanformers.bench import COLUMNS, format_table, main
+from leanformers.bench import format_table, main, ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_decode  # noqa: E402
 
 
 def test_format_table_ratios_and_errors():
-    from leanformers.bench import _ratios
-
     rows = [
-        {"mode": "eager-fp32", "decode_tok_s": 30.0, "prefill_tok_s": 500.0, "ttft_cold_s": 1.234,
-         "ttft_warm_s": 1.0, "peak_rss_mb": 700.0, "answer": "The capital | of France"},
-        {"mode": "transformers-fp32", "decode_tok_s": 15.0},
+        {"mode": "eager-fp32", "decode_tok_s": 30.0, "decode_tok_s_runs": [30.0, 28.0, 33.0], "decode_range": [28.0, 33.0],
+         "prefill_tok_s": 500.0, "ttft_cold_s": 1.234, "ttft_warm_s": 1.0, "peak_rss_mb": 700.0,
+         "answer": "The capital | of France"},
+        {"mode": "transformers-fp32", "decode_tok_s": 15.0, "decode_tok_s_runs": [15.0, 14.0, 11.0]},
         {"mode": "llama.cpp", "decode_tok_s": 60.0},
         {"mode": "int4", "error": "skipped: no kernel"},
     ]
-    _ratios(rows)
-    assert rows[0]["vs_transformers_fp32"] == 2.0 and rows[0]["vs_llama_cpp"] == 0.5
-    table = format_table(rows).splitlines()
-    assert table[0] == "| " + " | ".join(t for _, t in COLUMNS) + " |"
+    ratios(rows, ["transformers-fp32", "llama.cpp"])
+    # per-round ratios 2.0, 2.0, 3.0: median 2.0, range 2-3; llama.cpp has no rounds: the medians' ratio
+    assert rows[0]["vs_transformers-fp32"] == 2.0 and rows[0]["vs_transformers-fp32_range"] == [2.0, 3.0]
+    assert rows[0]["vs_llama.cpp"] == 0.5
+    table = format_table(rows, ["transformers-fp32", "llama.cpp"]).splitlines()
+    assert table[0].startswith("| mode | decode tok/s | vs transformers-fp32 | vs llama.cpp | range |")
     assert len(table) == 2 + len(rows)
-    assert "| eager-fp32 | 30.0 | 2.00x | 0.50x | 500.0 | 1.23 | 1.00 | 700.0 | The capital \\| of France |" in table
+    assert "| eager-fp32 | 30.0 | 2.00x (2-3) | 0.50x (0.5-0.5) | 28-33 | 500.0 | 1.23 | 1.00 | 700.0 | " \
+           "The capital \\| of France |" in table
     assert "(skipped: no kernel)" in table[-1]
 
 
 def test_bench_quick_runs_end_to_end(tiny_models, tmp_path, capsys):
     out = tmp_path / "decode.json"
-    rc = main(["--quick", "-m", str(tiny_models["smollm2"]), "--modes", "eager-fp32,transformers-fp32,llama.cpp",
-               "--json", str(out)])
+    rc = bench_decode.main(["--quick", "-m", str(tiny_models["smollm2"]), "--modes",
+                            "eager-fp32,compiled-fp32,transformers-fp32,llama.cpp", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    header = "| " + " | ".join(t for _, t in COLUMNS) + " |"
-    assert header in printed
+    assert "| mode | decode tok/s | vs transformers-fp32 | vs llama.cpp |" in printed
     data = json.loads(out.read_text())
     rows = {r["mode"]: r for r in data["rows"]}
-    assert set(rows) == {"eager-fp32", "transformers-fp32", "llama.cpp"}
-    for mode in ("eager-fp32", "transformers-fp32"):
+    assert set(rows) == {"eager-fp32", "compiled-fp32", "transformers-fp32", "llama.cpp"}
+    for mode in ("eager-fp32", "compiled-fp32", "transformers-fp32"):
         r = rows[mode]
         assert "error" not in r, r
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 50
@@ -54,7 +57,10 @@ def test_bench_quick_runs_end_to_end(tiny_models, tmp_path, capsys):
         assert len(r["answer_ids"]) >= 1
     # the same greedy tokens from leanformers and transformers (same weights, float32)
     assert rows["eager-fp32"]["answer_ids"] == rows["transformers-fp32"]["answer_ids"]
-    assert rows["eager-fp32"]["vs_transformers_fp32"] > 0
+    assert rows["compiled-fp32"]["answer_ids"] == rows["eager-fp32"]["answer_ids"]
+    # the compiled mode really ran its compiled step (a package), not an eager fallback
+    assert rows["compiled-fp32"]["compiled_calls"]["compiled"] > 0 and not rows["compiled-fp32"].get("eager_fallbacks")
+    assert rows["eager-fp32"]["vs_transformers-fp32"] > 0
     assert rows["llama.cpp"]["error"].startswith("skipped")  # a safetensors model: no GGUF for llama.cpp
     assert data["meta"]["new_tokens"] == 8 and data["meta"]["runs"] == 1
 
@@ -62,6 +68,7 @@ def test_bench_quick_runs_end_to_end(tiny_models, tmp_path, capsys):
 def test_bench_rejects_unknown_modes(capsys):
     assert main(["--modes", "warp-speed"]) == 2
     assert "unknown mode" in capsys.readouterr().err
+    assert main(["--modes", "transformers-fp32"]) == 2  # peers are bench/bench_decode.py's, not the library's
 
 
 def test_gpu_check_cpu_mode_runs(tmp_path):

@@ -42,14 +42,20 @@ def test_help_for_each_command():
 
 def test_generate_matches_python_api(tiny_models):
     model = str(tiny_models["llama3"])
-    r = run("generate", "-m", model, "Once upon a time", "--max-new-tokens", "12", "--ignore-eos", "--no-stream")
+    r = run("generate", "-m", model, "Once upon a time", "--raw", "--max-new-tokens", "12", "--ignore-eos", "--no-stream")
     assert r.returncode == 0, r.stderr
-    expected = leanformers.load(model, progress=False).generate("Once upon a time", max_new_tokens=12, ignore_eos=True)
+    lm = leanformers.load(model, progress=False)
+    expected = lm.generate("Once upon a time", max_new_tokens=12, ignore_eos=True)
     # text-mode pipes read "\r" as "\n" (universal newlines); random tiny models do emit "\r"
     assert r.stdout == (expected.text + "\n").replace("\r\n", "\n").replace("\r", "\n")
-    streamed = run("generate", "-m", model, "Once upon a time", "--max-new-tokens", "12", "--ignore-eos", "--stream")
+    streamed = run("generate", "-m", model, "Once upon a time", "--raw", "--max-new-tokens", "12", "--ignore-eos",
+                   "--stream")
     assert streamed.stdout == r.stdout
     assert "Loading" not in r.stderr  # no progress bars when piped
+    # without --raw, a model with a chat template gets the prompt as a user message
+    chat = run("generate", "-m", model, "Once upon a time", "--max-new-tokens", "12", "--ignore-eos")
+    expected = lm.chat([{"role": "user", "content": "Once upon a time"}], max_new_tokens=12, ignore_eos=True)
+    assert chat.returncode == 0 and chat.stdout == (expected.text + "\n").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def test_info(tiny_models):
@@ -92,7 +98,14 @@ def test_chat_keeps_history(tiny_models):
      (["generate", "hi", "--top-p", "1.5"], "top_p"),
      (["generate", "-m", "no-such-model-alias", "hi"], "no-such-model-alias"),
      (["generate", "-m", "./missing/dir", "hi"], "missing"),
-     (["info", "/nonexistent/model.gguf"], "nonexistent")],
+     (["info", "/nonexistent/model.gguf"], "nonexistent"),
+     (["info", "-m", "a", "b"], "two models"),
+     (["generate", "hi", "--device", "cud"], "invalid device 'cud'"),
+     (["generate", "hi", "--device", "cuda"], "CUDA is not available"),
+     (["generate", "hi", "--draft", "nonsense"], "nonsense"),
+     (["generate", "hi", "--num-draft-tokens", "3"], "needs draft"),
+     (["generate", "hi", "--raw", "--system", "Be brief."], "--raw"),
+     (["generate", "hi", "--quantize", "int4", "--group-size", "7"], "group_size")],
 )
 def test_bad_input_is_one_clean_line(tiny_models, args, needle):
     if args[0] == "generate" and "-m" not in args:
@@ -118,7 +131,7 @@ def test_bundled_model_generate_and_chat():
 
 
 def test_perplexity_command(tiny_models, tmp_path):
-    from leanformers.perplexity import perplexity
+    from leanformers.eval.perplexity import perplexity
 
     model = str(tiny_models["llama3"])
     text_file = tmp_path / "text.txt"
@@ -128,3 +141,45 @@ def test_perplexity_command(tiny_models, tmp_path):
     expected = perplexity(leanformers.load(model, progress=False), text_file.read_text(), context=32, stride=16)
     assert f"tokens: {expected.tokens}" in r.stdout and f"perplexity: {expected.ppl:.4f}" in r.stdout
     assert_clean_error(run("perplexity", "-m", model, str(tmp_path / "missing.txt")), "missing.txt")
+
+
+def test_arguments_are_refused_before_the_model_loads(tiny_models):
+    """A bad argument costs no model load: the error comes even when the model would not load at all."""
+    r = run("generate", "-m", str(tiny_models["llama3"]), "hi", "--temperature", "-2", "-v")
+    assert_clean_error(r, "temperature")
+    assert "load" not in r.stderr.lower().replace("leanformers: error", "")
+
+
+def test_empty_answer_is_explained_on_stderr(tiny_models):
+    """A generation that ends with no text (here: the first token is EOS) says so, and why."""
+    model = str(tiny_models["llama3"])
+    lm = leanformers.load(model, progress=False)
+    first = lm.chat([{"role": "user", "content": "hello"}], max_new_tokens=1).token_ids[0]
+    import json
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp()) / "m"
+    shutil.copytree(model, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
+    r = run("generate", "-m", str(d), "hello", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "\n" and "produced no text" in r.stderr and "end-of-sequence" in r.stderr
+
+
+@pytest.mark.slow
+def test_bare_generate_answers_with_the_bundled_model():
+    """The first command a newcomer types: the chat template is applied, and the answer is not empty."""
+    r = run("generate", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and r.stdout.strip()
+
+
+@pytest.mark.slow
+def test_self_int8_draft_from_the_cli(tiny_models):
+    model = str(tiny_models["llama3"])
+    r = run("generate", "-m", model, "Once upon a time", "--raw", "--max-new-tokens", "12", "--ignore-eos",
+            "--draft", "self-int8", "--stats", "--no-stream")
+    assert r.returncode == 0, r.stderr
+    expected = leanformers.load(model, progress=False).generate("Once upon a time", max_new_tokens=12, ignore_eos=True)
+    assert r.stdout == (expected.text + "\n").replace("\r\n", "\n").replace("\r", "\n")

@@ -14,9 +14,9 @@ import torch
 
 import leanformers
 from leanformers.errors import InvalidArgumentError
-from leanformers.generation.compile import CompiledDecode, compile_decode
-from leanformers.generation.decode import decode_step
-from leanformers.memory import huge_pages_unavailable, in_huge_pages
+from leanformers.compile import CompiledDecode, compile_decode
+from leanformers.compile.memory import huge_pages_unavailable, in_huge_pages
+from leanformers.generation.decode import DecodeStep
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,28 @@ def _greedy(lm, prompt, n=20):
     return lm.generate(prompt, max_new_tokens=n, ignore_eos=True).token_ids
 
 
+def _compiled_greedy(lm, prompt, n=20):
+    """Greedy tokens, asserting that every decode step ran a compiled graph (no silent eager fallback)."""
+    step = lm.step
+    assert isinstance(step, CompiledDecode), type(step)
+    before = dict(step.calls)
+    out = _greedy(lm, prompt, n)
+    assert step.calls["eager"] == before["eager"], (step.eager, step.failure)
+    assert step.calls["compiled"] - before["compiled"] == n - 1  # the first token comes from the prefill
+    return out
+
+
+def _eager_step(model, tokens, positions, cache):
+    return DecodeStep(model)(tokens, positions, cache)
+
+
 def test_compiled_greedy_equals_eager(compiled_mistral):
     eager, lm = compiled_mistral
-    fn = lm.decode_fn
+    fn = lm.step
     assert isinstance(fn, CompiledDecode) and fn.is_compiled and fn.failure is None
-    assert lm.cache_bucket == 128
+    assert fn.cache_bucket == 128
     for prompt in PROMPTS:  # different lengths, crossing the sliding window, one graph
-        assert _greedy(lm, prompt) == _greedy(eager, prompt)
+        assert _compiled_greedy(lm, prompt) == _greedy(eager, prompt)
     assert len(fn.graphs) == 1 and not fn.eager, (fn.info, fn.eager)
     if huge_pages_unavailable() is None:  # compile() moved the weights first (load(huge_pages=None))
         assert all(in_huge_pages(p) for p in lm.model.parameters())
@@ -63,46 +78,51 @@ def test_compiled_verification_equals_one_token_steps(tiny_models, cache_dir, ki
     kw = dict(dtype="float32", quantize="int8") if kind == "int8" else dict(dtype=kind)
     lm = leanformers.load(str(tiny_models["mistral"]), progress=False, **kw)
     lm.compile(cache_bucket=128, cache_dir=cache_dir, verify_rows=4, speculative=True)
-    fn, model = lm.decode_fn, lm.model
+    fn, model = lm.step, lm.model
     assert sorted(info["how"] != "jit" for info in fn.info.values()) == [True, True]  # step + verification, now
     ids = lm.tokenizer.encode(PROMPTS[1])
     P = len(ids)
     with torch.inference_mode(False):
-        cache = model.make_cache(1, 128)
-        positions = torch.arange(128).unsqueeze(0)
+        cache = fn.make_cache(1, 128)
     with torch.inference_mode():
-        model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(P))  # prefill slots 0 .. P-1
-        drafts = [ids[-1], 7, 11]  # three tokens (padded to verify_rows = 4) at slots P .. P+2
-        assert fn.can_verify(model, 3, 128, P) and not fn.can_verify(model, 5, 128, P)
-        verified = fn.verify(model, torch.tensor([drafts]), cache, P, positions)
-        steps = torch.stack([fn(model, torch.tensor([[t]]), cache, torch.tensor([P + i]), positions[:, P + i:P + i + 1],
-                                None)[0] for i, t in enumerate(drafts)])
+        model(torch.tensor([ids]), cache=cache, positions=torch.arange(P))  # prefill positions 0 .. P-1
+        drafts = [ids[-1], 7, 11]  # three tokens (padded to verify_rows = 4) at positions P .. P+2
+        assert fn.can_verify(3, 128, P) and not fn.can_verify(5, 128, P)
+        before = dict(fn.calls)
+        verified = fn.verify(torch.tensor([drafts]), torch.arange(P, P + 3).unsqueeze(0), cache)
+        steps = torch.stack([fn(torch.tensor([[t]]), torch.tensor([[P + i]]), cache)[0] for i, t in enumerate(drafts)])
+        assert fn.calls["compiled"] - before["compiled"] == 4 and fn.calls["eager"] == before["eager"]
     assert verified.shape == steps.shape == (3, lm.config.vocab_size)
     tol = 2e-2 if kind == "bfloat16" else 1e-5  # bfloat16: one rounding step of the logits
     torch.testing.assert_close(verified.float(), steps.float(), atol=tol * steps.abs().max().item(), rtol=0)
     assert torch.equal(verified.argmax(-1), steps.argmax(-1))
-    assert {sig[0] for sig in fn.graphs if isinstance(sig[0], str)} == {"verify"} and len(fn.graphs) == 2
+    assert {sig[0] for sig in fn.graphs} == {"step", "verify"} and len(fn.graphs) == 2
     assert not fn.eager, fn.eager
     prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):"
     plain = lm.generate(prompt, max_new_tokens=30, ignore_eos=True)
     spec = lm.generate(prompt, max_new_tokens=30, ignore_eos=True, draft="prompt-lookup")
     assert spec.token_ids == plain.token_ids
     assert spec.stats["rounds"] > 0 and len(fn.graphs) == 2 and not fn.eager  # drafts were verified, compiled
+    assert fn.calls["eager"] <= 2, fn.calls  # the first positions only (below the packages' window range)
 
 
 def test_compiled_padded_batch_equals_eager(compiled_mistral):
-    eager, lm = compiled_mistral  # left padding: a key mask goes into the compiled step (its own graph)
+    eager, lm = compiled_mistral  # rows of different lengths at their own positions: a batch-2 graph
+    before = dict(lm.step.calls)
     a = [r.token_ids for r in lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)]
     b = [r.token_ids for r in eager.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)]
     assert a == b
-    assert not lm.decode_fn.eager and len(lm.decode_fn.graphs) == 2
+    assert not lm.step.eager and len(lm.step.graphs) == 2
+    assert lm.step.calls["compiled"] - before["compiled"] == 11 and lm.step.calls["eager"] == before["eager"]
 
 
 def test_compiled_logits_close_to_eager(compiled_mistral):
     eager, lm = compiled_mistral
     ids = lm.tokenizer.encode(PROMPTS[1])
+    before = lm.step.calls["compiled"]
     a = lm.generate(ids, max_new_tokens=12, ignore_eos=True, logprobs=True)
     b = eager.generate(ids, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    assert lm.step.calls["compiled"] - before == 11
     assert a.token_ids == b.token_ids
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
@@ -122,7 +142,7 @@ lm.compile(cache_bucket=128, cache_dir={str(cache_dir)!r}, mode="default")
 dt = time.perf_counter() - t
 out = lm.generate({PROMPTS[0]!r}, max_new_tokens=20, ignore_eos=True).token_ids
 imported = [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]
-print(json.dumps({{"info": [v for v in lm.decode_fn.info.values()], "seconds": dt, "tokens": out,
+print(json.dumps({{"info": [v for v in lm.step.info.values()], "seconds": dt, "tokens": out,
                   "imported": imported}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -142,7 +162,7 @@ def test_a_corrupt_package_is_rebuilt(tiny_models, tmp_path, caplog):
     again = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
     with caplog.at_level(logging.INFO, logger="leanformers.compile"):
         again.compile(cache_bucket=64, cache_dir=tmp_path)
-    assert [i["how"] for i in again.decode_fn.info.values()] == ["compiled"]
+    assert [i["how"] for i in again.step.info.values()] == ["compiled"]
     assert "unusable" in caplog.text and package.stat().st_size > 1000
     eager = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
     assert _greedy(again, PROMPTS[0]) == _greedy(eager, PROMPTS[0])
@@ -152,26 +172,27 @@ def test_the_last_cache_slot_decodes_eagerly_and_correctly(compiled_mistral):
     """The packages take window lengths up to the cache length - 1 (plain generation never needs more); a
     step at the cache's last slot runs eagerly, and a request that fills the cache gives eager's tokens."""
     eager, lm = compiled_mistral
-    fn, model = lm.decode_fn, lm.model
+    fn, model = lm.step, lm.model
     ids = (lm.tokenizer.encode(PROMPTS[1]) * 64)[:127]
     logits = []
-    for _ in range(2):
+    for step in (fn, DecodeStep(model)):
         with torch.inference_mode(False):
             cache = model.make_cache(1, 128)
         with torch.inference_mode():
-            model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(127))
-            step = fn if not logits else decode_step
-            logits.append(step(model, torch.tensor([[5]]), cache, torch.tensor([127]), torch.tensor([[127]]), None))
+            model(torch.tensor([ids]), cache=cache, positions=torch.arange(127))
+            before = fn.calls["eager"]
+            logits.append(step(torch.tensor([[5]]), torch.tensor([[127]]), cache))
+            assert step is not fn or fn.calls["eager"] == before + 1  # the last slot: eagerly
             del cache
     assert torch.equal(logits[0], logits[1])
     n = 128 - len(ids[:20])
-    assert lm._cache_len([ids[:20]], n) == 128
+    assert fn.cache_len(20 + n) == 128
     assert _greedy(lm, ids[:20], n) == _greedy(eager, ids[:20], n)
     assert len(fn.graphs) <= 2 and not fn.eager
 
 
 def test_artifact_key_includes_the_thread_count(compiled_mistral):
-    fn = compiled_mistral[1].decode_fn
+    fn = compiled_mistral[1].step
     sig = next(iter(fn.graphs))
     threads = torch.get_num_threads()
     try:
@@ -190,11 +211,11 @@ def test_no_recompiles_across_steps_and_requests(tiny_models, cache_dir):
     lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
     eager = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
     lm.compile(cache_bucket=128, cache_dir=cache_dir, mode="default", precompile=False)
-    fn = lm.decode_fn
+    fn = lm.step
     assert fn.is_compiled and [i["how"] for i in fn.info.values()] == ["jit"]
     graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
     for prompt in PROMPTS:
-        assert _greedy(lm, prompt, 16) == _greedy(eager, prompt, 16)
+        assert _compiled_greedy(lm, prompt, 16) == _greedy(eager, prompt, 16)
     assert counters["stats"]["unique_graphs"] == graphs
     assert dict(counters["frames"]) == frames  # no new frame compiled (a recompile would add one)
     assert len(fn.graphs) == 1 and not fn.eager
@@ -208,11 +229,12 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_models, caplog)
     lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
     expected = _greedy(lm, PROMPTS[0])
     with caplog.at_level(logging.WARNING, logger="leanformers.compile"):
-        fn = compile_decode(lm.model, backend=_failing_backend, cache_len=128)
-    assert fn.failure and "backend exploded on purpose" in fn.failure
+        fn = compile_decode(lm.model, backend=_failing_backend, cache_bucket=128)
+    assert fn.failure and "backend exploded on purpose" in fn.failure and not fn.is_compiled
     assert any("decoding eagerly" in r.message and "backend exploded" in r.getMessage() for r in caplog.records)
-    lm.decode_fn, lm.cache_bucket = fn, 128
+    lm.step = fn
     assert _greedy(lm, PROMPTS[0]) == expected  # eager, same answer
+    assert fn.calls["compiled"] == 0 and fn.calls["eager"] > 0
 
 
 def test_no_compiler_means_eager_with_a_warning(tiny_models, tmp_path, caplog):
@@ -223,8 +245,7 @@ def test_no_compiler_means_eager_with_a_warning(tiny_models, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="leanformers.compile"), \
             inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
         lm.compile(cache_bucket=128, cache_dir=tmp_path)
-    assert lm.decode_fn is None and lm.cache_bucket is None  # plain eager decoding
-    assert "make_cache" not in lm.model.__dict__
+    assert type(lm.step) is DecodeStep  # plain eager decoding
     assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
     assert lm.generate("Hello", max_new_tokens=4, ignore_eos=True).token_ids
 
@@ -236,8 +257,8 @@ def test_a_saved_package_needs_no_compiler(compiled_mistral, tiny_models, cache_
     lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
     with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
         lm.compile(cache_bucket=128, cache_dir=cache_dir, mode="default")
-    assert [i["how"] for i in lm.decode_fn.info.values()] == ["loaded"]
-    assert _greedy(lm, PROMPTS[2]) == _greedy(eager, PROMPTS[2])
+    assert [i["how"] for i in lm.step.info.values()] == ["loaded"]
+    assert _compiled_greedy(lm, PROMPTS[2]) == _greedy(eager, PROMPTS[2])
 
 
 def test_an_unknown_mode_is_refused(tiny_models):
@@ -246,18 +267,15 @@ def test_an_unknown_mode_is_refused(tiny_models):
         lm.compile(mode="fastest")
 
 
-def test_a_different_model_is_decoded_eagerly(compiled_mistral, tiny_models):
+def test_a_step_for_another_model_compiles_its_own_graph(compiled_mistral, tiny_models, cache_dir):
     eager, lm = compiled_mistral
     other = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
-    token = torch.tensor([[3]])
-    cache = other.model.make_cache(1, 16)
-    with torch.inference_mode():
-        other.model(torch.tensor([[1, 2]]), cache=cache, cache_position=torch.arange(2))
-        a = lm.decode_fn(other.model, token, cache, torch.tensor([2]), torch.tensor([[2]]), None)
-        cache2 = other.model.make_cache(1, 16)
-        other.model(torch.tensor([[1, 2]]), cache=cache2, cache_position=torch.arange(2))
-        b = decode_step(other.model, token, cache2, torch.tensor([2]), torch.tensor([[2]]), None)
-    assert torch.equal(a, b)
+    other.model.fuse_projections()
+    step = lm.step.for_model(other.model)  # a draft model's step: same options, its own graphs and pool
+    assert isinstance(step, CompiledDecode) and step.model is other.model and not step.graphs
+    other.step = step
+    assert _compiled_greedy(other, PROMPTS[0]) == _greedy(eager, PROMPTS[0])
+    assert len(step.graphs) == 1 and step._pool is not lm.step._pool
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -272,28 +290,30 @@ def test_compiled_quantized_greedy_equals_eager(tiny_models, cache_dir, scheme):
         assert {m.backend for m in lm.model.modules() if type(m).__name__ == "Int4Linear"} == {"cpu"}
     lm.compile(cache_bucket=128, cache_dir=cache_dir)
     # a package (built here, or by an earlier test of this module), not the torch.compile fallback
-    assert [i["how"] in ("compiled", "loaded") for i in lm.decode_fn.info.values()] == [True]
+    assert [i["how"] in ("compiled", "loaded") for i in lm.step.info.values()] == [True]
     if scheme == "int8":  # float32 activations: the same greedy tokens
         for prompt in PROMPTS:
-            assert _greedy(lm, prompt) == _greedy(eager, prompt)
+            assert _compiled_greedy(lm, prompt) == _greedy(eager, prompt)
         return
     # bfloat16 activations: compiled and eager round differently (near-ties of a random model may flip), so
     # compare the logits of compiled and eager steps along one path, within bfloat16 rounding
-    fn, model = lm.decode_fn, lm.model
+    fn, model = lm.step, lm.model
     ids = lm.tokenizer.encode(PROMPTS[1])
     P = len(ids)
     with torch.inference_mode(False):
         caches = [model.make_cache(1, 128) for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:
-            model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(P))
+            model(torch.tensor([ids]), cache=cache, positions=torch.arange(P))
         token = torch.tensor([[ids[-1]]])
+        before = dict(fn.calls)
         for i in range(8):
-            slot, pos = torch.tensor([P + i]), torch.tensor([[P + i]])
-            a = fn(model, token, caches[0], slot, pos, None)
-            b = decode_step(model, token, caches[1], slot, pos, None)
+            pos = torch.tensor([[P + i]])
+            a = fn(token, pos, caches[0])
+            b = _eager_step(model, token, pos, caches[1])
             torch.testing.assert_close(a.float(), b.float(), atol=3e-2 * b.abs().max().item(), rtol=0)
             token = b.argmax(-1, keepdim=True)
+        assert fn.calls["compiled"] - before["compiled"] == 8 and fn.calls["eager"] == before["eager"]
 
 
 def test_smollm2_int4_compiles_to_a_package(smollm2_gguf, tmp_path):
@@ -302,10 +322,10 @@ def test_smollm2_int4_compiles_to_a_package(smollm2_gguf, tmp_path):
     eager = leanformers.load(str(smollm2_gguf), quantize="int4", progress=False)
     lm = leanformers.load(str(smollm2_gguf), quantize="int4", progress=False)
     lm.compile(cache_bucket=256, cache_dir=tmp_path)
-    assert [i["how"] for i in lm.decode_fn.info.values()] == ["compiled"]
+    assert [i["how"] for i in lm.step.info.values()] == ["compiled"]
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                               add_generation_prompt=True)
-    assert _greedy(lm, prompt, 16) == _greedy(eager, prompt, 16)
+    assert _compiled_greedy(lm, prompt, 16) == _greedy(eager, prompt, 16)
 
 
 def test_quantize_after_compile_drops_the_compiled_step(tiny_models, cache_dir, caplog):
@@ -313,18 +333,23 @@ def test_quantize_after_compile_drops_the_compiled_step(tiny_models, cache_dir, 
 
     lm = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
     lm.compile(cache_bucket=128, cache_dir=cache_dir)
-    fn = lm.decode_fn
+    fn = lm.step
     assert fn.is_compiled
     with caplog.at_level(logging.WARNING, logger="leanformers"):
         lm.quantize("int8")
-    assert lm.decode_fn is None and "compile again" in caplog.text
-    assert not fn.is_compiled and "quantized" in fn.failure  # also when quantize_model is called directly
-    assert "make_cache" not in lm.model.__dict__  # the pool of float32 KV buffers went with it
+    assert type(lm.step) is DecodeStep and "compile again" in caplog.text
+    assert not fn.is_compiled  # the step sees the model changed, also when quantize_model is called directly
     other = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False).model
-    fn2 = compile_decode(other, cache_dir=cache_dir, cache_len=128)
+    fn2 = compile_decode(other, cache_dir=cache_dir, cache_bucket=128)
     assert fn2.is_compiled
     quantize_model(other, "int4")
-    assert not fn2.is_compiled and "quantized" in fn2.failure
+    assert not fn2.is_compiled
+    with torch.inference_mode(False):
+        cache = fn2.make_cache(1, 128)
+    with caplog.at_level(logging.WARNING, logger="leanformers.compile"):
+        with torch.inference_mode():
+            fn2(torch.tensor([[1]]), torch.tensor([[0]]), cache)  # runs eagerly on the changed model
+    assert "changed" in fn2.failure and fn2.calls["eager"] == 1 and not fn2.graphs
     # the reference went through the same steps eagerly: projections fused (compile did it), then int8
     eager = leanformers.load(str(tiny_models["mistral"]), dtype="float32", progress=False)
     eager.model.fuse_projections()

@@ -43,12 +43,14 @@ def test_cached_equals_uncached_greedy(request, fixture):
 
 
 def test_chunked_prefill_equals_single_pass(tiny):
-    from leanformers.generation.decode import generate_steps
+    from leanformers.generation.decode import DecodeStep, generate_tokens
+    from leanformers.generation.sampling import Sampler
 
     ids = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
-    params = SamplingParams()
-    a = [s.tokens[0] for s in generate_steps(tiny.model, [ids], max_new_tokens=12, params=params, prefill_chunk=7)]
-    b = [s.tokens[0] for s in generate_steps(tiny.model, [ids], max_new_tokens=12, params=params)]
+    step = DecodeStep(tiny.model)
+    a = [s.tokens[0] for s in generate_tokens(step, [ids], max_new_tokens=12, sampler=Sampler(SamplingParams()),
+                                              prefill_chunk=7)]
+    b = [s.tokens[0] for s in generate_tokens(step, [ids], max_new_tokens=12, sampler=Sampler(SamplingParams()))]
     assert a == b == _uncached_greedy(tiny.model, ids, 12)
 
 

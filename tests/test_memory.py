@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import leanformers
-from leanformers import memory
+from leanformers.compile import memory
 from leanformers.errors import InvalidArgumentError
-from leanformers.generation.compile import compile_decode
-from leanformers.memory import huge_pages_unavailable, in_huge_pages, move_to_huge_pages, uses_huge_pages
+from leanformers.compile import compile_decode
+from leanformers.compile.memory import huge_pages_unavailable, in_huge_pages, move_to_huge_pages, uses_huge_pages
 from leanformers.quantize import quantize_model
 
 REASON = huge_pages_unavailable()

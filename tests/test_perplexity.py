@@ -9,7 +9,7 @@ import torch
 
 import leanformers
 from leanformers.errors import InvalidArgumentError
-from leanformers.perplexity import PerplexityResult, perplexity, perplexity_text, windows
+from leanformers.eval.perplexity import PerplexityResult, perplexity, perplexity_text, windows
 
 
 def _load(path, **kw):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import leanformers
-from leanformers import quantize as Q
+from leanformers.quantize import kernels as Q
 from leanformers.checkpoint.gguf import GGUFTensor
 from leanformers.errors import InvalidArgumentError, UnsupportedModelError
 from leanformers.quantize import (

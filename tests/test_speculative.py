@@ -12,10 +12,11 @@ import torch
 import leanformers
 from leanformers.config import ModelConfig
 from leanformers.errors import InvalidArgumentError
-from leanformers.generation.decode import decode_step
-from leanformers.generation.sampling import SamplingParams, probabilities
-from leanformers.generation.speculative import ModelDrafter, PromptLookupDrafter, SpeculativeSteps
+from leanformers.generation.decode import DecodeContext, DecodeStep, generate_tokens
+from leanformers.generation.sampling import Sampler, SamplingParams, probabilities
+from leanformers.models.base import DecoderModel
 from leanformers.models.llama import LlamaForCausalLM
+from leanformers.speculative import ModelDrafter, PromptLookupDrafter, SpeculativeDecoding, costs
 
 PROMPTS = [
     "Once upon a time there was a little model",
@@ -43,10 +44,22 @@ def target(tiny_models):
     return _load(tiny_models["smollm2"])
 
 
+_CHEAP: set[int] = set()  # id() of draft models whose modelled step time is made tiny
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap_drafts():
+    """Adaptive k prices drafts with costs.step_time; the tiny test models all cost about the same, so it would
+    rightly not draft with them at all. Models marked by `_cheap` cost 1e-4 s per step instead (as a real
+    small draft would be far cheaper than its target)."""
+    real = costs.step_time
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(costs, "step_time", lambda model, compiled: 1e-4 if id(model) in _CHEAP else real(model, compiled))
+        yield
+
+
 def _cheap(lm):
-    """Make adaptive k treat `lm` as a draft 30x cheaper than the target (as a real small draft would be):
-    the tiny test models all cost about the same, so adaptive k would rightly not draft with them at all."""
-    lm.__dict__["_speculative_step_estimate"] = lm.__dict__["_speculative_step_estimate_compiled"] = 1e-4
+    _CHEAP.add(id(lm.model))
     return lm
 
 
@@ -149,10 +162,10 @@ def test_self_int4(tiny_models):
     expected = "self-int4" if int4_backend("cpu", torch.bfloat16)[0] != "dequant" else "self-int4 (int8)"
     assert spec.stats["draft"] == expected
     assert spec.stats["accepted"] > 0
-    draft_lm = lm._speculative_self_drafts["int4"]
-    assert draft_lm.model is not lm.model and lm.quantization is None  # the target is untouched
+    draft_step = lm._self_drafts["int4"]
+    assert draft_step.model is not lm.model and lm.quantization is None  # the target is untouched
     _plain(lm, ids, 5, draft="self-int4")
-    assert lm._speculative_self_drafts["int4"] is draft_lm  # built once, cached
+    assert lm._self_drafts["int4"] is draft_step  # built once, cached
 
 
 def test_self_int4_falls_back_to_int8(tiny_models, caplog):
@@ -176,26 +189,33 @@ def test_quantized_target_with_prompt_lookup(tiny_models):
         _plain(lm, ids, 5, draft="self-int4")
 
 
-def test_decode_fn_is_used_on_both_sides(tiny_models):
+class _Counting(DecodeStep):
+    """A step that counts its calls and says it is compiled (so drafters feed tokens through it one by one)."""
+
+    is_compiled = True
+
+    def __init__(self, model, calls, name):
+        super().__init__(model)
+        self.calls, self.name = calls, name
+
+    def __call__(self, tokens, positions, cache):
+        self.calls[self.name] += 1
+        return super().__call__(tokens, positions, cache)
+
+
+def test_the_steps_are_used_on_both_sides(tiny_models):
     lm, dlm = _load(tiny_models["smollm2"]), _load(tiny_models["llama3"])
     calls = {"target": 0, "draft": 0}
-
-    def counting(name):
-        def fn(model, token, cache, slot, positions, mask):
-            calls[name] += 1
-            return decode_step(model, token, cache, slot, positions, mask)
-        return fn
-
     ids = lm.tokenizer.encode(PROMPTS[2])
     plain = _plain(lm, ids, 25)
     nomatch = lm.tokenizer.encode("ab")
     plain_nomatch = _plain(lm, nomatch, 2)
-    lm.decode_fn, dlm.decode_fn = counting("target"), counting("draft")
+    lm.step, dlm.step = _Counting(lm.model, calls, "target"), _Counting(dlm.model, calls, "draft")
     spec = _plain(lm, ids, 25, draft=dlm, num_draft_tokens=2)
     assert spec.token_ids == plain.token_ids
     assert calls["draft"] > 0 and calls["draft"] == spec.stats["draft_forwards"] - 1  # all but the draft prefill
     calls["target"] = 0
-    # a lookup that finds nothing falls back to one-token steps: the target's decode_fn
+    # a lookup that finds nothing falls back to one-token steps: the target's step
     out = _plain(lm, nomatch, 2, draft="prompt-lookup")
     assert out.token_ids == plain_nomatch.token_ids
     assert calls["target"] == 1
@@ -208,42 +228,42 @@ def test_compiled_step_shares_the_plain_graph(tiny_models):
     twin = _load(tiny_models["smollm2"])  # as expensive as the target: adaptive k soon takes one-token steps
     for m in (lm, dlm):
         m.compile(backend="eager", cache_bucket=128)
-        assert m.decode_fn is not None
+        assert m.step.is_compiled
     ids = lm.tokenizer.encode(PROMPTS[0])
     plain = _plain(lm, ids, 24)
     _plain(dlm, ids, 4)
-    graphs = {m: set(m.decode_fn.graphs) for m in (lm, dlm)}
+    graphs = {m: set(m.step.graphs) for m in (lm, dlm)}
     assert all(graphs.values())
     spec = _plain(lm, ids, 24, draft=twin)
     assert spec.token_ids == plain.token_ids
-    assert spec.stats["target_forwards"] > spec.stats["rounds"] + 1  # one-token steps went through lm.decode_fn
-    spec = _plain(lm, ids, 24, draft=dlm, num_draft_tokens=3)  # draft steps go through dlm.decode_fn
-    assert spec.token_ids == plain.token_ids
+    assert spec.stats["target_forwards"] > spec.stats["rounds"] + 1  # one-token steps went through lm.step
+    before = dlm.step.calls["compiled"]
+    spec = _plain(lm, ids, 24, draft=dlm, num_draft_tokens=3)  # draft steps go through dlm.step
+    assert spec.token_ids == plain.token_ids and dlm.step.calls["compiled"] > before
     # the target's verification forwards have a graph of their own; nothing else was compiled
-    assert set(dlm.decode_fn.graphs) == graphs[dlm]
-    assert {sig for sig in set(lm.decode_fn.graphs) - graphs[lm] if sig[0] != "verify"} == set()
+    assert set(dlm.step.graphs) == graphs[dlm]
+    assert {sig for sig in set(lm.step.graphs) - graphs[lm] if sig[0] != "verify"} == set()
 
 
 def test_compiled_verification_is_used_and_priced(tiny_models):
     """With a compiled step (backend "eager": fast to build) rounds of up to verify_rows tokens go through the
     compiled verification graph, whose cost does not grow with k; longer rounds would be verified eagerly."""
-    from leanformers.errors import InvalidArgumentError
-    from leanformers.generation.compile import compile_decode, verify_cost
+    from leanformers.compile import compile_decode
 
     lm = _load(tiny_models["smollm2"])
     lm.compile(backend="eager", cache_bucket=128, verify_rows=4)
-    fn = lm.decode_fn
+    fn = lm.step
     assert fn.verify_rows == 4
     ids = lm.tokenizer.encode("a b c a b c a b c a b c a b c a b c")
     plain = _plain(lm, ids, 30)
     spec = _plain(lm, ids, 30, draft="prompt-lookup")
     assert spec.token_ids == plain.token_ids and spec.stats["rounds"] > 0
     assert any(sig[0] == "verify" for sig in fn.graphs)
-    steps = SpeculativeSteps(lm.model, [ids], drafter=PromptLookupDrafter(), num_draft_tokens=None,
-                             max_new_tokens=4, params=SamplingParams(), decode_fn=fn)
-    cost = steps._plan_verification(lm.model)
-    assert cost(1) == cost(3) == verify_cost(lm.model, 4) < cost(4)  # padded to 4 rows / eager beyond
-    assert verify_cost(lm.model, 5) == pytest.approx((verify_cost(lm.model, 4) + verify_cost(lm.model, 6)) / 2)
+    ctx = DecodeContext(fn, [ids], 4, Sampler(SamplingParams()))
+    cost = SpeculativeDecoding(PromptLookupDrafter())._verification_cost(ctx)
+    verify_cost = costs.compiled_verify_cost
+    assert cost(1) == cost(3) == verify_cost("float32", 4) < cost(4)  # padded to 4 rows / eager beyond
+    assert verify_cost("float32", 5) == pytest.approx((verify_cost("float32", 4) + verify_cost("float32", 6)) / 2)
     with pytest.raises(InvalidArgumentError, match="verify_rows"):
         compile_decode(_load(tiny_models["smollm2"]).model, backend="eager", verify_rows=99, warmup=False)
 
@@ -357,6 +377,8 @@ def test_bad_arguments(target):
         target.generate("a", num_draft_tokens=3)
     with pytest.raises(InvalidArgumentError, match="LanguageModel"):
         target.generate("a", draft=target.model)
+    with pytest.raises(InvalidArgumentError, match="unknown generation argument"):
+        target.generate("a", draft_model="prompt-lookup")
 
 
 def _copy_with_tokenizer(src, dst, edit):
@@ -402,48 +424,48 @@ def test_target_cache_rollback_gives_fresh_logits(target):
     draft = [5, 9, 13, 17, 21]
     with torch.inference_mode():
         cache = model.make_cache(1, L + 10)
-        model(torch.tensor([ids]), cache=cache, cache_position=torch.arange(L))
-        model(torch.tensor([draft]), cache=cache, cache_position=torch.arange(L, L + 5))
-        # accepted 5, 9; continue with a different token at slot L + 2 (slots L+3.. hold stale K/V)
-        rolled = model(torch.tensor([[40, 41]]), cache=cache, cache_position=torch.arange(L + 2, L + 4))
+        model(torch.tensor([ids]), cache=cache, positions=torch.arange(L))
+        model(torch.tensor([draft]), cache=cache, positions=torch.arange(L, L + 5))
+        # accepted 5, 9; continue with a different token at position L + 2 (L+3.. hold stale K/V)
+        rolled = model(torch.tensor([[40, 41]]), cache=cache, positions=torch.arange(L + 2, L + 4))
         fresh = model(torch.tensor([ids + [5, 9, 40, 41]]))[:, -2:]
     torch.testing.assert_close(rolled, fresh, atol=1e-5, rtol=1e-5)
 
 
 def test_draft_cache_rollback(target, other):
     """After a rejected round, the drafter proposes what a fresh drafter would from the same text."""
-    params = SamplingParams()
+    sampler = Sampler(SamplingParams())
     ids = target.tokenizer.encode(PROMPTS[0])
     with torch.inference_mode():
-        d = ModelDrafter(other.model, name="d", cost=0.5)
-        d.start(ids, 64, params, 512)
-        first, _, _ = d.propose(ids + [7], lambda _: 5, params, None, False)
+        d = ModelDrafter(DecodeStep(other.model), name="d", cost=0.5)
+        d.start(ids, 64)
+        first, _, _ = d.propose(ids + [7], lambda _: 5, sampler, False)
         seq = ids + [7] + first[:2] + [(first[2] + 1) % 300]  # two accepted, then a correction
-        again, _, _ = d.propose(seq, lambda _: 4, params, None, False)
-        fresh = ModelDrafter(other.model, name="f", cost=0.5)
-        fresh.start(ids, 64, params, 512)
-        expected, _, _ = fresh.propose(seq, lambda _: 4, params, None, False)
+        again, _, _ = d.propose(seq, lambda _: 4, sampler, False)
+        fresh = ModelDrafter(DecodeStep(other.model), name="f", cost=0.5)
+        fresh.start(ids, 64)
+        expected, _, _ = fresh.propose(seq, lambda _: 4, sampler, False)
         assert again == expected
         # all accepted + bonus: the drafter catches up with two unseen tokens
         seq2 = seq + again + [3]
-        got = d.propose(seq2, lambda _: 3, params, None, False)[0]
-        assert got == fresh.propose(seq2, lambda _: 3, params, None, False)[0]
+        got = d.propose(seq2, lambda _: 3, sampler, False)[0]
+        assert got == fresh.propose(seq2, lambda _: 3, sampler, False)[0]
 
 
 def test_prompt_lookup_proposals():
     d = PromptLookupDrafter()
-    params = SamplingParams()
-    d.start([], 0, params, 512)
+    sampler = Sampler(SamplingParams())
+    d.start([], 0)
     seq = [1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3]
     # 3-gram (7, 2, 3) never occurred before; the 2-gram (2, 3) did, most recently at 6: propose what followed
-    assert d.propose(seq, lambda n: 3, params, None, False) == ([4, 6, 7], None, 2)
+    assert d.propose(seq, lambda n: 3, sampler, False) == ([4, 6, 7], None, 2)
     # k is asked per match length
-    assert d.propose(seq + [4, 6], lambda n: n, params, None, False) == ([7, 2, 3], None, 3)
+    assert d.propose(seq + [4, 6], lambda n: n, sampler, False) == ([7, 2, 3], None, 3)
     # a repeating pattern keeps copying from the proposal itself
-    d.start([], 0, params, 512)
-    assert d.propose([8, 1, 2, 1, 2], lambda n: 5, params, None, False)[0] == [1, 2, 1, 2, 1]
-    d.start([], 0, params, 512)
-    assert d.propose([1, 2, 3], lambda n: 4, params, None, False) == ([], None, None)
+    d.start([], 0)
+    assert d.propose([8, 1, 2, 1, 2], lambda n: 5, sampler, False)[0] == [1, 2, 1, 2, 1]
+    d.start([], 0)
+    assert d.propose([1, 2, 3], lambda n: 4, sampler, False) == ([], None, None)
 
 
 # ------------------------------------------------------------------------------------- distribution
@@ -471,13 +493,18 @@ class _SlotCache:
         self.max_len = max_len
 
 
-class MemoModel(torch.nn.Module):
+class MemoModel(DecoderModel):
+    """A model of the contract whose "hidden states" are already the logits (its head is the identity)."""
+
     def __init__(self, net: LlamaForCausalLM):
-        super().__init__()
+        super().__init__(net.config)
         self.net = net
-        self.model = net.model
-        self.config = net.config
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # .device / .dtype
         self.memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
 
     def make_cache(self, batch_size: int, max_len: int, *, dtype=None) -> _SlotCache:
         assert batch_size == 1
@@ -488,13 +515,14 @@ class MemoModel(torch.nn.Module):
             self.memo[prefix] = self.net(torch.tensor([prefix]))[0, -1]
         return self.memo[prefix]
 
-    def forward(self, input_ids, *, cache, cache_position, position_ids=None, attention_mask=None,
-                logits_to_keep=0):
-        slots = cache_position.tolist()
+    def hidden_states(self, input_ids, *, cache=None, positions=None, attention_mask=None):
+        slots = positions.reshape(-1).tolist()
         for s, t in zip(slots, input_ids[0].tolist()):
             cache.tokens[s] = t
-        out = torch.stack([self._logits(tuple(cache.tokens[: s + 1])) for s in slots])[None]
-        return out[:, -logits_to_keep:] if logits_to_keep else out
+        return torch.stack([self._logits(tuple(cache.tokens[: s + 1])) for s in slots])[None]
+
+    def logits(self, hidden):
+        return hidden
 
 
 def _exact(model, prompt, params, depth):
@@ -525,26 +553,27 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, n: int) -> float:
     return float(torch.special.gammaincc(df, stat / 2))  # chi-square survival function
 
 
-class _AlwaysAccept(SpeculativeSteps):
+class _AlwaysAccept(SpeculativeDecoding):
     """A broken verifier (accepts every draft token): the negative control."""
 
-    def _verify_sampled(self, out, draft, q, hist, generator):
+    def _verify_sampled(self, out, draft, q, hist, sampler):
         if not draft:
-            return super()._verify_sampled(out, draft, q, hist, generator)
-        p = probabilities(out, self.params)
-        return draft + [int(torch.multinomial(p[len(draft)], 1, generator=generator))], len(draft)
+            return super()._verify_sampled(out, draft, q, hist, sampler)
+        p = probabilities(out, sampler.params)
+        return draft + [sampler.draw(p[len(draft)])], len(draft)
 
 
-def _samples(target, drafter, params_kw, prompt, n, k, cls=SpeculativeSteps):
+def _samples(target, drafter, params_kw, prompt, n, k, cls=SpeculativeDecoding):
     """n generations of 3 tokens (seeds 1000..): the 1st from the prefill, the 2nd and 3rd verified drafts."""
     out = torch.empty(n, 3, dtype=torch.long)
     drafted = accepted = 0
-    with torch.inference_mode():
-        for i in range(n):
-            params = SamplingParams(seed=1000 + i, **params_kw)
-            steps = cls(target, [prompt], drafter=drafter, num_draft_tokens=k, max_new_tokens=3, params=params)
-            out[i] = torch.tensor([s.tokens[0] for s in steps])
-            drafted, accepted = drafted + steps.drafted, accepted + steps.accepted
+    step = DecodeStep(target)
+    for i in range(n):
+        strategy = cls(drafter, num_draft_tokens=k)
+        steps = generate_tokens(step, [prompt], max_new_tokens=3, sampler=Sampler(SamplingParams(seed=1000 + i, **params_kw)),
+                                strategy=strategy)
+        out[i] = torch.tensor([s.tokens[0] for s in steps])
+        drafted, accepted = drafted + strategy.drafted, accepted + strategy.accepted
     return out, drafted, accepted
 
 
@@ -569,7 +598,7 @@ def test_speculative_sampling_matches_target_distribution(sampling_models, param
     target, draft = sampling_models
     prompt = [3, 1, 4, 1, 5]
     n = 4000
-    drafter = ModelDrafter(draft, name="d", cost=0.5)
+    drafter = ModelDrafter(DecodeStep(draft), name="d", cost=0.5)
     samples, drafted, accepted = _samples(target, drafter, params_kw, prompt, n, k)
     exact = _exact(target.net, prompt, SamplingParams(**params_kw), 3)
     # the draft really disagrees: the total variation between its and the target's 2nd-token laws is large
@@ -605,7 +634,7 @@ def test_memo_model_matches_real_model(sampling_models):
     ids = [3, 1, 4, 1, 5, 9, 2]
     with torch.inference_mode():
         cache = net.make_cache(1, 16)
-        real = net(torch.tensor([ids]), cache=cache, cache_position=torch.arange(7))
+        real = net(torch.tensor([ids]), cache=cache, positions=torch.arange(7))
         mcache = memo.make_cache(1, 16)
-        got = memo(torch.tensor([ids]), cache=mcache, cache_position=torch.arange(7))
+        got = memo(torch.tensor([ids]), cache=mcache, positions=torch.arange(7))
     torch.testing.assert_close(got, real, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "LanguageModel",
+    "GenerationConfig",
+    "GenerationResult",
     "ModelConfig",
     "LeanformersError",
     "ModelNotFoundError",
@@ -39,16 +41,19 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .generation.config import GenerationConfig
+    from .generation.run import GenerationResult
     from .lm import LanguageModel, load
+
+_LAZY = {
+    "load": "lm", "LanguageModel": "lm", "ModelConfig": "config", "GenerationConfig": "generation.config",
+    "GenerationResult": "generation.run",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "LanguageModel"):
-        from . import lm
+    if name in _LAZY:
+        import importlib
 
-        return getattr(lm, name)
-    if name == "ModelConfig":
-        from .config import ModelConfig
-
-        return ModelConfig
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'leanformers' has no attribute {name!r}")

@@ -1,26 +1,28 @@
-"""Decode/prefill benchmark: leanformers modes vs transformers and llama.cpp, each mode in its own process.
+"""`leanformers bench`: decode/prefill speed, time to first token and memory of leanformers' modes.
 
-    leanformers bench                               # bundled SmolLM2-135M, every mode (~30 min on 2 cores)
+    leanformers bench                               # bundled SmolLM2-135M, every leanformers mode
     leanformers bench --modes eager-fp32,int4 --runs 5 --json out.json
-    leanformers bench --quick -m TINY_MODEL_DIR     # a smoke test (CI)
+    leanformers bench --quick -m TINY_MODEL_DIR     # a smoke test
 
-Every measurement runs in a fresh process:
+Side by side with transformers and llama.cpp: `python bench/bench_decode.py` (this harness plus the peers'
+workers; peers are never imported by the library). Every measurement runs in a fresh process:
   cold  one process per mode: time to first token (TTFT, from process start: imports + load + compile +
-        prefill + first token; compiled modes start from an empty compile cache) and the greedy
-        answer to the chat prompt "What is the capital of France?" (first 10 tokens, EOS respected);
-  warm  then `runs` rounds over all modes, one process per mode and round (compiled modes reuse the
-        cold process's compile cache): TTFT again, a warm-up, and one timed decode (greedy,
-        `new_tokens` tokens, EOS ignored; prefill excluded) and prefill (a `prefill_tokens`-token
-        prompt). Medians over the rounds are reported, and the largest peak RSS (VmHWM) of a warm
-        process. Rounds interleave the modes in time, so on a shared machine a busy spell hits every
-        mode alike.
+        prefill + first token; compiled modes start from an empty compile cache) and the greedy answer to
+        the chat prompt "What is the capital of France?" (first 10 tokens, EOS respected);
+  warm  then `runs` rounds over all modes, one process per mode and round (compiled modes reuse the cold
+        process's compile cache): TTFT again, a warm-up, one timed decode (greedy, `new_tokens` tokens, EOS
+        ignored, prefill excluded) and one prefill (a `prefill_tokens`-token prompt, the last position's
+        logits only, as every library computes them). Rounds interleave the modes in time, so a busy spell
+        on a shared machine hits every mode alike. Reported: the median over rounds and the range (the
+        spread), ratios as the median of the per-round ratios (same round = same machine state) and their
+        range, the largest peak RSS (VmHWM) of a warm process.
 Every library gets the same prompt token ids (rendered and tokenized once by leanformers).
-Ratios are decode tok/s over transformers float32's and over llama.cpp's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -35,32 +37,30 @@ from typing import Any, Callable, Sequence
 
 QUESTION = "What is the capital of France?"
 ANSWER_TOKENS = 10
+WORKER = "leanformers.bench:worker_leanformers"
 
-# mode -> how to run it. lib: leanformers | transformers | llama_cpp
+# mode -> how to run it: `worker` is "module:function" (run in a child process), the rest is its spec
 MODES: dict[str, dict[str, Any]] = {
-    "eager-fp32": {"lib": "leanformers", "dtype": "float32"},
-    "eager-bf16": {"lib": "leanformers", "dtype": "bfloat16"},
-    "compiled-fp32": {"lib": "leanformers", "dtype": "float32", "compile": True},
-    "compiled-bf16": {"lib": "leanformers", "dtype": "bfloat16", "compile": True},
-    "int8": {"lib": "leanformers", "quantize": "int8", "compile": True},
-    "int4": {"lib": "leanformers", "quantize": "int4", "compile": True},
-    "int8-eager": {"lib": "leanformers", "quantize": "int8"},
-    "int4-eager": {"lib": "leanformers", "quantize": "int4"},
-    "transformers-fp32": {"lib": "transformers", "dtype": "float32"},
-    "transformers-bf16": {"lib": "transformers", "dtype": "bfloat16"},
-    "llama.cpp": {"lib": "llama_cpp"},
+    "eager-fp32": {"dtype": "float32"},
+    "eager-bf16": {"dtype": "bfloat16"},
+    "compiled-fp32": {"dtype": "float32", "compile": True},
+    "compiled-bf16": {"dtype": "bfloat16", "compile": True},
+    "int8": {"quantize": "int8", "compile": True},
+    "int4": {"quantize": "int4", "compile": True},
+    "int8-eager": {"quantize": "int8"},
+    "int4-eager": {"quantize": "int4"},
 }
-# the same with the weights left in ordinary 4 KiB pages (load(huge_pages=False)): the A/B of leanformers.memory
+# the same with the weights left in ordinary 4 KiB pages (load(huge_pages=False)): the A/B of compile.memory
 MODES.update({f"{m}-4k": dict(MODES[m], huge_pages=False) for m in ("compiled-fp32", "compiled-bf16", "int4")})
-DEFAULT_MODES = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "int8", "int4",
-                 "transformers-fp32", "transformers-bf16", "llama.cpp"]
-QUICK_MODES = ["eager-fp32", "compiled-fp32", "transformers-fp32", "llama.cpp"]
-BASELINE, LLAMA_CPP = "transformers-fp32", "llama.cpp"
+for _spec in MODES.values():
+    _spec.setdefault("worker", WORKER)
+DEFAULT_MODES = ["eager-fp32", "eager-bf16", "compiled-fp32", "compiled-bf16", "int8", "int4"]
+QUICK_MODES = ["eager-fp32", "compiled-fp32"]
 
 COLUMNS = [
-    ("mode", "mode"), ("decode_tok_s", "decode tok/s"), ("vs_transformers_fp32", "vs transformers fp32"),
-    ("vs_llama_cpp", "vs llama.cpp"), ("prefill_tok_s", "prefill tok/s"), ("ttft_cold_s", "TTFT cold s"),
-    ("ttft_warm_s", "TTFT warm s"), ("peak_rss_mb", "peak RSS MB"), ("answer", "answer (greedy, 10 tokens)"),
+    ("mode", "mode"), ("decode_tok_s", "decode tok/s"), ("decode_range", "range"),
+    ("prefill_tok_s", "prefill tok/s"), ("ttft_cold_s", "TTFT cold s"), ("ttft_warm_s", "TTFT warm s"),
+    ("peak_rss_mb", "peak RSS MB"), ("answer", "answer (greedy, 10 tokens)"),
 ]
 
 _FILLER = (
@@ -73,12 +73,6 @@ _FILLER = (
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def _available(lib: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(lib) is not None
-
-
 def prepare_prompts(model: str | None, prefill_tokens: int) -> dict[str, Any]:
     """Resolve the model and tokenize the prompts once (every library gets the same ids)."""
     from .hub import resolve
@@ -105,8 +99,7 @@ def _spawn(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[st
         json.dump(spec, f)
         path = f.name
     try:
-        spec_t0 = time.time()
-        env = dict(env, LEANFORMERS_BENCH_T0=repr(spec_t0))
+        env = dict(env, LEANFORMERS_BENCH_T0=repr(time.time()))
         proc = subprocess.run([sys.executable, "-m", "leanformers.bench", "--worker", path], env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -123,21 +116,22 @@ def _spawn(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[st
 def run_bench(
     model: str | None = None,
     *,
-    modes: Sequence[str] | None = None,
+    modes: dict[str, dict[str, Any]],
     runs: int = 3,
     new_tokens: int = 256,
     prefill_tokens: int = 512,
     threads: int = 2,
-    quick: bool = False,
     timeout: float = 3600.0,
+    baselines: Sequence[str] = ("eager-fp32",),
+    skip: Callable[[str, dict[str, Any], dict[str, Any]], str | None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every mode (two processes each); returns {"meta": ..., "rows": [...]} (see format_table)."""
+    """Run every mode of `modes` (name -> spec with a `worker`); returns {"meta": ..., "rows": [...]}.
+
+    baselines: modes every row's decode speed is compared with (`vs_<mode>` ratios). skip(mode, spec,
+    prompts): a reason not to run a mode here (a peer not installed), or None.
+    """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    modes = list(modes or (QUICK_MODES if quick else DEFAULT_MODES))
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
     prompts = prepare_prompts(model, prefill_tokens)
     tokenizer = prompts.pop("tokenizer")
     rows: list[dict[str, Any]] = []
@@ -148,18 +142,14 @@ def run_bench(
     caches: list[str] = []
     try:
         # cold: one process per mode, an empty compile cache
-        for mode in modes:
-            spec = dict(MODES[mode], mode=mode, threads=threads, runs=1, new_tokens=new_tokens,
+        for mode, mode_spec in modes.items():
+            spec = dict(mode_spec, mode=mode, threads=threads, runs=1, new_tokens=new_tokens,
                         answer_tokens=ANSWER_TOKENS, **prompts)
-            row: dict[str, Any] = {"mode": mode, "lib": spec["lib"]}
+            row: dict[str, Any] = {"mode": mode}
             rows.append(row)
-            skip = None
-            if spec["lib"] != "leanformers" and not _available(spec["lib"]):
-                skip = f"{spec['lib']} is not installed"
-            elif spec["lib"] == "llama_cpp" and prompts["kind"] != "gguf":
-                skip = "llama.cpp needs a .gguf model"
-            if skip:
-                row["error"] = f"skipped: {skip}"
+            reason = skip(mode, spec, prompts) if skip else None
+            if reason:
+                row["error"] = f"skipped: {reason}"
                 log(f"[bench] {mode}: {row['error']}")
                 continue
             caches.append(tempfile.mkdtemp(prefix="lf-bench-cache-"))
@@ -178,52 +168,67 @@ def run_bench(
                     row[f"cold_{key}" if key == "compile_info" else key] = cold[key]
             log(f"[bench] {mode}: TTFT cold {row['ttft_cold_s']} s, answer {row['answer']!r}")
             active.append((row, spec, env))
-        # warm: `runs` rounds over the modes, one process per mode and round (interleaved in time, so a
-        # busy spell on a shared machine hits every mode alike rather than one of them)
-        samples: dict[str, dict[str, list]] = {row["mode"]: {} for row, _, _ in active}
+        # warm: `runs` rounds over the modes, one process per mode and round, interleaved in time
         for r in range(runs):
             for row, spec, env in active:
                 log(f"[bench] {row['mode']}: warm process {r + 1}/{runs} ...")
                 warm = _spawn(dict(spec, phase="warm"), env, timeout)
                 if "error" in warm:
-                    samples[row["mode"]].setdefault("errors", []).append(warm["error"])
+                    row.setdefault("warm_errors", []).append(warm["error"])
                     log(f"[bench] {row['mode']}: {warm['error']}")
-                    continue
+                    warm = {}
                 for key in ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mb"):
-                    samples[row["mode"]].setdefault(key, []).append(warm[key])
-                for key in ("compile_info", "eager_fallbacks"):
+                    row.setdefault(f"{key}_runs", []).append(warm.get(key))  # None: that round failed
+                for key in ("compile_info", "eager_fallbacks", "compiled_calls"):
                     if key in warm:
                         row[key] = warm[key]
         for row, _, _ in active:
-            got = samples[row["mode"]]
-            if not got.get("decode_tok_s"):
-                row["error"] = "; ".join(got.get("errors", ["no warm run"]))[:300]
+            dec = [x for x in row.get("decode_tok_s_runs", []) if x is not None]
+            if not dec:
+                row["error"] = "; ".join(row.get("warm_errors", ["no warm run"]))[:300]
                 continue
-            row.update(decode_tok_s=_median(got["decode_tok_s"]), prefill_tok_s=_median(got["prefill_tok_s"]),
-                       ttft_warm_s=_median(got["ttft_s"]), peak_rss_mb=max(got["peak_rss_mb"]),
-                       decode_runs=got["decode_tok_s"], prefill_runs=got["prefill_tok_s"],
-                       ttft_warm_runs=got["ttft_s"])
-            if got.get("errors"):
-                row["warm_errors"] = got["errors"]
-            log(f"[bench] {row['mode']}: decode {row['decode_tok_s']} tok/s, prefill {row['prefill_tok_s']} tok/s, "
-                f"TTFT {row.get('ttft_cold_s')}/{row['ttft_warm_s']} s, RSS {row['peak_rss_mb']} MB")
+            row.update(decode_tok_s=_median(dec), decode_range=[min(dec), max(dec)],
+                       prefill_tok_s=_median([x for x in row["prefill_tok_s_runs"] if x is not None]),
+                       ttft_warm_s=_median([x for x in row["ttft_s_runs"] if x is not None]),
+                       peak_rss_mb=max(x for x in row["peak_rss_mb_runs"] if x is not None))
+            log(f"[bench] {row['mode']}: decode {row['decode_tok_s']} tok/s {row['decode_range']}, prefill "
+                f"{row['prefill_tok_s']} tok/s, TTFT {row.get('ttft_cold_s')}/{row['ttft_warm_s']} s, "
+                f"RSS {row['peak_rss_mb']} MB")
     finally:
         for c in caches:
             shutil.rmtree(c, ignore_errors=True)
-    _ratios(rows)
+    ratios(rows, baselines)
     import torch
 
-    from .memory import huge_pages_unavailable
+    from .compile.memory import huge_pages_unavailable
 
     meta = {
         "model": model or "smollm2-135m-instruct", "model_path": prompts["model_path"], "runs": runs,
         "new_tokens": new_tokens, "prefill_tokens": len(prompts["prefill_ids"]),
         "chat_prompt_tokens": len(prompts["chat_ids"]), "threads": threads, "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg(), "baselines": list(baselines),
         "huge_pages": huge_pages_unavailable() or "weights in transparent huge pages (modes without -4k)",
     }
     return {"meta": meta, "rows": rows}
+
+
+def ratios(rows: list[dict[str, Any]], baselines: Sequence[str]) -> None:
+    """`vs_<baseline>`: the median of per-round decode ratios (rounds interleave the modes), and its range."""
+    by = {r["mode"]: r for r in rows}
+    for base in baselines:
+        b = by.get(base)
+        if not b or not b.get("decode_tok_s"):
+            continue
+        for r in rows:
+            if not r.get("decode_tok_s"):
+                continue
+            pairs = [x / y for x, y in zip(r.get("decode_tok_s_runs", []), b.get("decode_tok_s_runs", []))
+                     if x is not None and y]
+            if not pairs:
+                pairs = [r["decode_tok_s"] / b["decode_tok_s"]]
+            r[f"vs_{base}"] = round(statistics.median(pairs), 2)
+            r[f"vs_{base}_range"] = [round(min(pairs), 2), round(max(pairs), 2)]
 
 
 def _loadavg() -> list[float] | None:
@@ -233,43 +238,42 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _ratios(rows: list[dict[str, Any]]) -> None:
-    by = {r["mode"]: r.get("decode_tok_s") for r in rows}
-    for key, base in (("vs_transformers_fp32", by.get(BASELINE)), ("vs_llama_cpp", by.get(LLAMA_CPP))):
-        for r in rows:
-            if base and r.get("decode_tok_s"):
-                r[key] = round(r["decode_tok_s"] / base, 2)
-
-
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return f"{value[0]:g}-{value[1]:g}" if len(value) == 2 else ""
     if key.startswith("vs_"):
         return f"{value:.2f}x"
     if isinstance(value, float):
-        return f"{value:.1f}" if key != "ttft_warm_s" and key != "ttft_cold_s" else f"{value:.2f}"
+        return f"{value:.2f}" if key.startswith("ttft") else f"{value:.1f}"
     if key == "answer":
         return repr(value)[1:-1].replace("|", "\\|")
     return str(value)
 
 
-def format_table(rows: list[dict[str, Any]] | dict[str, Any]) -> str:
-    """A Markdown table of run_bench's rows (or of its whole result)."""
-    if isinstance(rows, dict):
-        rows = rows["rows"]
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join("---" if k in ("mode", "answer") else "---:" for k, _ in COLUMNS) + "|"]
+def format_table(result: list[dict[str, Any]] | dict[str, Any], baselines: Sequence[str] | None = None) -> str:
+    """A Markdown table of run_bench's rows: the speed columns plus `vs <baseline>` ratio columns."""
+    rows = result["rows"] if isinstance(result, dict) else result
+    if baselines is None:
+        baselines = result["meta"]["baselines"] if isinstance(result, dict) else ()
+    columns = COLUMNS[:2] + [(f"vs_{b}", f"vs {b}") for b in baselines] + COLUMNS[2:]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join("---" if k in ("mode", "answer") else "---:" for k, _ in columns) + "|"]
     for r in rows:
         if r.get("error"):
-            cells = [r["mode"], f"({r['error'][:120]})"] + [""] * (len(COLUMNS) - 2)
+            cells = [r["mode"], f"({r['error'][:120]})"] + [""] * (len(columns) - 2)
         else:
-            cells = [_cell(k, r.get(k)) for k, _ in COLUMNS]
+            cells = [_cell(k, r.get(k)) for k, _ in columns]
+            for i, (k, _) in enumerate(columns):
+                if k.startswith("vs_") and r.get(f"{k}_range"):
+                    cells[i] += f" ({_cell(k, r[f'{k}_range'])})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak RSS of this process: VmHWM on Linux (ru_maxrss would include the parent's peak at fork)."""
     try:
         with open("/proc/self/status") as f:
@@ -288,135 +292,41 @@ def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 2)
 
 
-def _worker_leanformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
+def worker_leanformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
     import leanformers
 
     kwargs: dict[str, Any] = {"progress": False}
-    if spec.get("dtype"):
-        kwargs["dtype"] = spec["dtype"]
-    if spec.get("quantize"):
-        kwargs["quantize"] = spec["quantize"]
-    if spec.get("compile"):
-        kwargs["compile"] = True
-    if "huge_pages" in spec:
-        kwargs["huge_pages"] = spec["huge_pages"]
+    for key in ("dtype", "quantize", "compile", "huge_pages"):
+        if key in spec:
+            kwargs[key] = spec[key]
     lm = leanformers.load(spec["model_path"], **kwargs)
     chat, long = spec["chat_ids"], spec["prefill_ids"]
     lm.generate(chat, max_new_tokens=1)
     out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": str(lm.dtype).removeprefix("torch.")}
-    fn = lm.decode_fn
+    step = lm.step
     if spec.get("compile"):
-        out["compiled"] = bool(fn is not None and getattr(fn, "graphs", None))
-        if fn is not None:
-            out["compile_info"] = [dict(v) for v in fn.info.values()]
+        out["compiled"] = bool(getattr(step, "graphs", None))
+        out["compile_info"] = [dict(v) for v in getattr(step, "info", {}).values()]
     if spec["phase"] == "cold":
-        r = lm.generate(chat, max_new_tokens=spec["answer_tokens"])
-        out["answer_ids"] = r.token_ids
+        out["answer_ids"] = lm.generate(chat, max_new_tokens=spec["answer_tokens"], temperature=0.0).token_ids
         return out
     n = spec["new_tokens"]
-    lm.generate(chat, max_new_tokens=min(n, 32), ignore_eos=True)  # warm-up
+    lm.generate(chat, max_new_tokens=min(n, 32), ignore_eos=True, temperature=0.0)  # warm-up
     lm.generate(long, max_new_tokens=1)
     dec, pre = [], []
     for _ in range(spec["runs"]):
-        r = lm.generate(chat, max_new_tokens=n, ignore_eos=True)
+        r = lm.generate(chat, max_new_tokens=n, ignore_eos=True, temperature=0.0)
         dec.append(r.stats["decode_tokens_per_s"])
         r = lm.generate(long, max_new_tokens=1)
         pre.append(len(long) / r.stats["prefill_s"])
-    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre), decode_runs=[round(x, 2) for x in dec])
-    if fn is not None and getattr(fn, "eager", None):
-        out["eager_fallbacks"] = list(fn.eager.values())
-    return out
-
-
-def _worker_transformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    import transformers
-
-    path = Path(spec["model_path"])
-    dtype = getattr(torch, spec["dtype"])
-    if spec["kind"] == "gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model.eval()
-    chat = torch.tensor([spec["chat_ids"]])
-    long = torch.tensor([spec["prefill_ids"]])
-    eos = model.generation_config.eos_token_id
-    pad = eos[0] if isinstance(eos, list) else eos
-
-    def gen(n: int, ignore_eos: bool) -> tuple[list[int], float]:
-        kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(chat))
-        if ignore_eos:
-            kw["min_new_tokens"] = n
-        t = time.perf_counter()
-        with torch.inference_mode():
-            ids = model.generate(chat, **kw)
-        return ids[0, chat.shape[1]:].tolist(), time.perf_counter() - t
-
-    gen(1, False)
-    out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": spec["dtype"]}
-    if spec["phase"] == "cold":
-        out["answer_ids"] = gen(spec["answer_tokens"], False)[0]
-        return out
-    n = spec["new_tokens"]
-    gen(min(n, 32), True)  # warm-up
-    dec, pre = [], []
-    for _ in range(spec["runs"]):
-        _, t1 = gen(1, True)
-        ids, tn = gen(n, True)
-        dec.append((len(ids) - 1) / max(tn - t1, 1e-9))
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model(long)
-        pre.append(long.shape[1] / (time.perf_counter() - t))
-    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre), decode_runs=[round(x, 2) for x in dec])
-    return out
-
-
-def _worker_llama_cpp(spec: dict[str, Any], t0: float) -> dict[str, Any]:
-    from llama_cpp import Llama
-
-    chat, long = spec["chat_ids"], spec["prefill_ids"]
-    n_ctx = max(len(chat) + spec["new_tokens"], len(long)) + 16
-    llm = Llama(model_path=spec["model_path"], n_ctx=n_ctx, n_batch=512, n_threads=spec["threads"],
-                n_threads_batch=spec["threads"], verbose=False)
-    eos = llm.token_eos()
-
-    def tokens(n: int, stop_at_eos: bool) -> tuple[list[int], float, float]:
-        """(ids, seconds to the first token, seconds from the first to the last)."""
-        llm.reset()  # no prefix reuse between runs
-        t = time.perf_counter()
-        ids: list[int] = []
-        t_first = 0.0
-        for tok in llm.generate(chat, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            if not ids:
-                t_first = time.perf_counter()
-            ids.append(tok)
-            if len(ids) >= n or (stop_at_eos and tok == eos):
-                break
-        return ids, t_first - t, time.perf_counter() - t_first
-
-    tokens(1, True)
-    out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": "Q (gguf)"}
-    if spec["phase"] == "cold":
-        out["answer_ids"] = tokens(spec["answer_tokens"], True)[0]
-        return out
-    n = spec["new_tokens"]
-    tokens(min(n, 32), False)  # warm-up
-    dec, pre = [], []
-    for _ in range(spec["runs"]):
-        ids, _, t = tokens(n, False)
-        dec.append((len(ids) - 1) / max(t, 1e-9))
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(long)
-        pre.append(len(long) / (time.perf_counter() - t))
-    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre), decode_runs=[round(x, 2) for x in dec])
+    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre))
+    if getattr(step, "eager", None):
+        out["eager_fallbacks"] = list(step.eager.values())
+    if hasattr(step, "calls"):
+        out["compiled_calls"] = dict(step.calls)
     return out
 
 
@@ -424,26 +334,28 @@ def _worker(path: str) -> int:
     t0 = float(os.environ.get("LEANFORMERS_BENCH_T0", time.time()))
     spec = json.loads(Path(path).read_text())
     try:
-        fn = {"leanformers": _worker_leanformers, "transformers": _worker_transformers,
-              "llama_cpp": _worker_llama_cpp}[spec["lib"]]
-        out = fn(spec, t0)
+        sys.path[:0] = spec.get("sys_path", [])
+        module, _, name = spec["worker"].partition(":")
+        out = getattr(importlib.import_module(module), name)(spec, t0)
     except Exception as exc:  # reported in the table, not a crash of the whole bench
         import traceback
 
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]}
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     print("BENCH_RESULT " + json.dumps(out), flush=True)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leanformers bench", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "leanformers bench", modes: dict[str, dict[str, Any]] = MODES,
+                 default_modes: Sequence[str] = DEFAULT_MODES) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("-m", "--model", default=None, help="model reference (default: the bundled smollm2-135m-instruct)")
     p.add_argument("--modes", default=None,
-                   help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)}); all: {','.join(MODES)}")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per mode, median reported (default 3; --quick 1)")
+                   help=f"comma-separated modes (default: {','.join(default_modes)}); all: {','.join(modes)}")
+    p.add_argument("--runs", type=int, default=None, help="rounds (one process per mode each), median reported "
+                                                          "(default 3; --quick 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens per run (default 256; --quick 8)")
     p.add_argument("--prefill-tokens", type=int, default=None, help="prefill prompt length (default 512; --quick 32)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per library (default 2)")
@@ -454,26 +366,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+def main(argv: Sequence[str] | None = None, *, modes: dict[str, dict[str, Any]] = MODES,
+         default_modes: Sequence[str] = DEFAULT_MODES, quick_modes: Sequence[str] = QUICK_MODES,
+         baselines: Sequence[str] = ("eager-fp32",), skip=None, prog: str = "leanformers bench") -> int:
+    """The command line; bench/bench_decode.py calls it with the peers' modes added."""
+    args = build_parser(prog, modes, default_modes).parse_args(list(argv) if argv is not None else None)
     if args.worker:
         return _worker(args.worker)
     q = args.quick
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
-    bad = [m for m in modes or [] if m not in MODES]
+    names = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else \
+        list(quick_modes if q else default_modes)
+    bad = [m for m in names if m not in modes]
     if bad:
-        print(f"leanformers bench: error: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}",
-              file=sys.stderr)
+        print(f"{prog}: error: unknown mode(s) {', '.join(bad)}; choose from {', '.join(modes)}", file=sys.stderr)
         return 2
     result = run_bench(
-        args.model, modes=modes, runs=args.runs or (1 if q else 3), new_tokens=args.new_tokens or (8 if q else 256),
-        prefill_tokens=args.prefill_tokens or (32 if q else 512), threads=args.threads, quick=q,
-        timeout=args.timeout or (900 if q else 3600),
+        args.model, modes={m: modes[m] for m in names}, runs=args.runs or (1 if q else 3),
+        new_tokens=args.new_tokens or (8 if q else 256), prefill_tokens=args.prefill_tokens or (32 if q else 512),
+        threads=args.threads, timeout=args.timeout or (900 if q else 3600),
+        baselines=[b for b in baselines if b in names], skip=skip,
     )
     m = result["meta"]
     print(f"\n{m['model']}: decode {m['new_tokens']} new tokens (greedy, EOS ignored) after a "
-          f"{m['chat_prompt_tokens']}-token chat prompt; prefill {m['prefill_tokens']} tokens; "
-          f"median of {m['runs']}; {m['threads']} threads; torch {m['torch']}\n")
+          f"{m['chat_prompt_tokens']}-token chat prompt; prefill {m['prefill_tokens']} tokens; median of "
+          f"{m['runs']} rounds (range); ratios: median of per-round ratios (range); {m['threads']} threads; "
+          f"torch {m['torch']}\n")
     print(format_table(result))
     if args.json:
         out = Path(args.json)

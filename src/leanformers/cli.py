@@ -1,24 +1,31 @@
 """The `leanformers` command line: generate, chat, info, perplexity, bench.
 
-Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Errors print one line
-`leanformers: error: ...` and exit with status 1 (2 for usage errors), never a traceback.
+Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
+before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
+errors), never a traceback. Warnings print one line each; -v/--verbose shows the library's INFO log.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Sequence
 
-from .errors import LeanformersError
+from .errors import InvalidArgumentError, LeanformersError
 from .hub import DEFAULT_MODEL
 
 EXIT_ERROR = 1
 
 
+# ------------------------------------------------------------------------------------------ arguments
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="show the library's log (loading, quantizing, compiling)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
     if positional:
-        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+        p.add_argument("model", nargs="?", default=None,
                        help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
         p.add_argument("-m", "--model", dest="model_option", default=None, help="same as the positional MODEL")
     else:
@@ -29,6 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> 
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--revision", default=None, help="branch, tag or commit for org/name references")
     p.add_argument("--offline", action="store_true", help="never download; use local files and the HF cache only")
+    _common(p)
 
 
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -38,8 +46,11 @@ def _add_speed_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    from .generation.config import DRAFT_NAMES
+
+    d = "default: the model's generation_config.json, else"
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"most tokens to generate ({d} 256)")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy ({d} 0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
@@ -51,7 +62,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print text as it is generated (default: on)")
     p.add_argument("--draft", default=None,
-                   help="speculative decoding: a draft MODEL with the same tokenizer, self-int4 or prompt-lookup")
+                   help=f"speculative decoding: {', '.join(DRAFT_NAMES)}, or a draft MODEL with the same tokenizer")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="fixed draft length (default: adaptive)")
 
 
@@ -63,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    g = sub.add_parser("generate", help="continue a prompt", description="Generate a continuation of PROMPT.")
+    g = sub.add_parser("generate", help="answer or continue a prompt",
+                       description="Generate from PROMPT. With a chat model (one with a chat template) the prompt "
+                                   "is sent as a user message; --raw continues the text as it is.")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
-    g.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
-    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--raw", "--no-chat-template", dest="raw", action="store_true",
+                   help="plain continuation: do not apply the model's chat template")
+    g.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    g.add_argument("--system", default=None, help="system message (chat models)")
     _add_model_args(g)
     _add_speed_args(g)
     _add_sampling_args(g)
@@ -97,15 +112,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------------------ checks
+_GEN_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
+               "num_draft_tokens")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation arguments the user gave (the others come from the model's defaults)."""
+    out = {name: getattr(args, name) for name in _GEN_FIELDS if getattr(args, name) is not None}
+    if args.ignore_eos:
+        out["ignore_eos"] = True
+    if args.truncate:
+        out["truncate"] = True
+    return out
+
+
+def _check_before_loading(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without the model: refused now, not after a long load."""
+    from .generation.config import DRAFT_NAMES, GenerationConfig
+    from .lm import parse_device
+
+    parse_device(args.device)
+    if getattr(args, "quantize", None) == "int4":
+        from .quantize import check_scheme
+
+        check_scheme("int4", args.group_size)
+    if hasattr(args, "max_new_tokens"):
+        draft = args.draft
+        GenerationConfig().replace(**_overrides(args), draft="prompt-lookup" if draft else None)
+        if draft and draft not in DRAFT_NAMES:
+            from .hub import resolve
+
+            resolve(draft, offline=True if args.offline else None, progress=False)  # a draft model must exist
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Warnings as one line each; with -v the INFO log too. On a terminal, slow phases say what they do."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("leanformers: %(levelname)s: %(message)s" if verbose
+                                           else "leanformers: %(message)s"))
+    root = logging.getLogger("leanformers")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose and sys.stderr.isatty():  # status of slow phases (compiling) on a terminal
+        logging.getLogger("leanformers.status").setLevel(logging.INFO)
+
+
+# ------------------------------------------------------------------------------------------ commands
 def _load(args: argparse.Namespace):
     from .lm import load
 
-    kwargs: dict[str, Any] = dict(
-        dtype=None if args.dtype == "auto" else args.dtype,
-        device=args.device,
-        revision=args.revision,
-        offline=True if args.offline else None,
-    )
+    kwargs: dict[str, Any] = dict(dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                                  revision=args.revision, offline=True if args.offline else None)
     if getattr(args, "quantize", None):
         kwargs.update(quantize=args.quantize, group_size=args.group_size)
     lm = load(args.model, **kwargs)
@@ -115,65 +174,82 @@ def _load(args: argparse.Namespace):
     return lm
 
 
-def _gen_kwargs(args: argparse.Namespace, lm) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-        ignore_eos=args.ignore_eos, truncate=args.truncate,
-    )
+def _generation_config(args: argparse.Namespace, lm):
+    from .generation.config import DRAFT_NAMES
+
+    overrides = _overrides(args)
     if args.draft:
         draft: Any = args.draft
-        if draft not in ("self-int4", "prompt-lookup"):
+        if draft not in DRAFT_NAMES:
             from .lm import load
 
             draft = load(draft, dtype=lm.dtype, device=args.device, offline=True if args.offline else None)
-        kwargs["draft"] = draft
-        if args.num_draft_tokens is not None:
-            kwargs["num_draft_tokens"] = args.num_draft_tokens
-    return kwargs
+        overrides["draft"] = draft
+    return lm.defaults.replace(**overrides)
 
 
-def _emit(lm, prompt_or_messages, args, *, chat: bool) -> Any:
+def _emit(lm, prompt_or_messages: Any, args: argparse.Namespace, *, chat: bool):
     """Generate and print (streamed or at the end); returns the GenerationResult."""
-    kwargs = _gen_kwargs(args, lm)
+    cfg = _generation_config(args, lm)
     if args.stream:
-        stream = lm.chat(prompt_or_messages, stream=True, **kwargs) if chat else lm.stream(prompt_or_messages, **kwargs)
+        stream = lm.chat(prompt_or_messages, cfg, stream=True) if chat else lm.stream(prompt_or_messages, cfg)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         result = stream.result
     else:
-        result = lm.chat(prompt_or_messages, **kwargs) if chat else lm.generate(prompt_or_messages, **kwargs)
+        result = lm.chat(prompt_or_messages, cfg) if chat else lm.generate(prompt_or_messages, cfg)
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if not result.text:
+        print(f"leanformers: the model produced no text: {_why_empty(lm, result)}", file=sys.stderr)
     return result
+
+
+def _why_empty(lm, result) -> str:
+    if result.stop_reason == "eos" and result.token_ids:
+        token = lm.tokenizer.id_to_token(result.token_ids[-1])
+        return f"it ended at once with its end-of-sequence token {token!r}"
+    if result.stop_reason == "stop string":
+        return "a stop string came first"
+    if result.token_ids:
+        return f"its {len(result.token_ids)} token(s) decode to no visible text"
+    return "no room was left for new tokens"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
-        raise _usage("the prompt is empty")
+        raise InvalidArgumentError("the prompt is empty")
+    if args.raw and (args.system or args.chat):
+        raise InvalidArgumentError("--system and --chat apply the chat template; they cannot be used with --raw")
+    _check_before_loading(args)
     lm = _load(args)
-    if args.chat:
+    use_chat = not args.raw and lm.tokenizer.chat_template is not None
+    if args.chat and not use_chat:
+        raise InvalidArgumentError(f"--chat: {args.model} has no chat template")
+    if args.system and not use_chat:
+        raise InvalidArgumentError(f"--system needs a chat template, and {args.model} has none")
+    if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
+            {"role": "user", "content": prompt}]
         result = _emit(lm, messages, args, chat=True)
     else:
         result = _emit(lm, prompt, args, chat=False)
     if args.stats:
         s = result.stats
-        print(
-            f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new, finish: {result.finish_reason}, "
-            f"prefill {s.get('prefill_s', 0):.2f}s, decode {s.get('decode_tokens_per_s', 0):.1f} tok/s]",
-            file=sys.stderr,
-        )
+        print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new, finish: {result.finish_reason}, "
+              f"first token {s.get('prefill_s', 0):.2f}s, decode {s.get('decode_tokens_per_s', 0):.1f} tok/s]",
+              file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_before_loading(args)
     lm = _load(args)
+    if lm.tokenizer.chat_template is None:
+        raise InvalidArgumentError(f"{args.model} has no chat template; use `leanformers generate --raw` instead")
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
@@ -208,12 +284,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
 
-    print(describe(args.model_option or args.model, revision=args.revision, offline=True if args.offline else None))
+    if args.model and args.model_option and args.model != args.model_option:
+        raise InvalidArgumentError(f"two models given ({args.model!r} and -m {args.model_option!r}); give one")
+    print(describe(args.model_option or args.model or DEFAULT_MODEL, revision=args.revision,
+                   offline=True if args.offline else None))
     return 0
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from .perplexity import perplexity, perplexity_text
+    from .eval.perplexity import perplexity, perplexity_text
 
     if args.file is None:
         text = perplexity_text()
@@ -222,29 +301,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             with open(args.file, encoding="utf-8") as f:
                 text = f.read()
         except OSError as exc:
-            raise _usage(f"cannot read {args.file}: {exc.strerror}") from None
+            raise InvalidArgumentError(f"cannot read {args.file}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise _usage(f"{args.file} is not UTF-8 text") from None
+            raise InvalidArgumentError(f"{args.file} is not UTF-8 text") from None
+    _check_before_loading(args)
     lm = _load(args)
     r = perplexity(lm, text, context=args.context, stride=args.stride)
     print(f"tokens: {r.tokens}\nperplexity: {r.ppl:.4f}")
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
-def _usage(message: str) -> LeanformersError:
-    from .errors import InvalidArgumentError
-
-    return InvalidArgumentError(message)
-
-
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
-            "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except LeanformersError as exc:
@@ -265,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (OSError, RuntimeError, MemoryError) as exc:  # the machine, not the arguments: still one line
+        print(f"leanformers: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

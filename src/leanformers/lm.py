@@ -1,4 +1,4 @@
-"""LanguageModel: a model, its tokenizer and config, with generate / stream / chat."""
+"""LanguageModel: a model, its tokenizer and config, with generate / stream / chat; and `load()`."""
 
 from __future__ import annotations
 
@@ -6,130 +6,110 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
-from torch import nn
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-from .generation.run import GenerationResult, fit_prompt, run_generation
-from .generation.sampling import SamplingParams
+from .generation.config import DRAFT_NAMES, GenerationConfig
+from .generation.decode import DecodeStep
+from .generation.run import GenerationResult, GenerationRun
 from .hub import ResolvedModel, resolve
 from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
-from .memory import move_to_huge_pages, uses_huge_pages
+from .models.base import DecoderModel
 from .tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .generation.config import GenerationKwargs
+
+logger = logging.getLogger("leanformers")
+
+Prompt = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
 
 
 class LanguageModel:
-    """A loaded causal LM: `.model` (logits = model(input_ids)), `.tokenizer`, `.config`."""
+    """A loaded causal LM: `.model` (a DecoderModel), `.tokenizer`, `.config`, `.step` (how it decodes).
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Tokenizer,
-        config: ModelConfig,
-        *,
-        source: ResolvedModel | None = None,
-        files: list[Path] | None = None,
-        generation_config: dict[str, Any] | None = None,
-    ):
+    `.defaults` is the GenerationConfig generate() starts from: the model's generation_config.json where
+    it has one, else GenerationConfig()'s defaults (greedy, 256 new tokens).
+    """
+
+    def __init__(self, model: DecoderModel, tokenizer: Tokenizer, config: ModelConfig, *,
+                 source: ResolvedModel | None = None, files: list[Path] | None = None,
+                 generation_config: dict[str, Any] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.source = source
         self.files = files or []
         self.generation_config = generation_config or {}
-        # Speed hooks, set by compile/quantize: a replacement one-token step, and the static cache
-        # size rounded up to a multiple of `cache_bucket` so a compiled step is reused across requests.
-        self.decode_fn = None
-        self.cache_bucket: int | None = None
-        self.quantization: str | None = None  # "int8" / "int4" once quantized
+        self.defaults = GenerationConfig.from_hf(self.generation_config)
+        self.step: DecodeStep = DecodeStep(model)  # compile() hands in a compiled step
         self.huge_pages: bool | None = None  # CPU weights into huge pages: at compile() (None), at load (True), never
+        self._self_drafts: dict[str, DecodeStep] = {}  # "int4"/"int8" -> the quantized copy's step, built once
 
     @property
     def device(self) -> torch.device:
-        return self.model.model.norm.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.norm.weight.dtype
+        return self.model.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        return self.model.quantization
 
     @property
     def eos_token_ids(self) -> list[int]:
         """Every id that ends generation: tokenizer, generation_config.json and config, deduplicated."""
-        ids: list[int] = []
         gen_eos = self.generation_config.get("eos_token_id")
         gen_eos = gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
-        for i in [*self.tokenizer.eos_token_ids, *gen_eos, *self.config.eos_token_ids]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-        return ids
+        ids = [*self.tokenizer.eos_token_ids, *gen_eos, *self.config.eos_token_ids]
+        return list(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
 
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 
     # ------------------------------------------------------------------------------ generation
-    def generate(
-        self,
-        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        truncate: bool = False,
-        add_special_tokens: bool = True,
-        draft: Any = None,
-        num_draft_tokens: int | None = None,
-    ) -> GenerationResult | list[GenerationResult]:
-        """Generate a continuation (greedy by default).
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, *, add_special_tokens: bool = True,
+                 **kwargs: "Unpack[GenerationKwargs]") -> GenerationResult | list[GenerationResult]:
+        """Generate a continuation of `prompt` with `config` (default: `self.defaults`), fields overridden by kwargs.
 
         prompt: a string or token ids -> one GenerationResult; a list of strings or of id lists -> a list.
-        Sampling order: repetition_penalty, temperature (0 = greedy), top_k, top_p, min_p.
-        stop: strings that end generation (not included in the text). truncate: keep the end of a
-        prompt that does not fit the context window instead of raising.
-        draft: speculative decoding (one prompt at a time): a LanguageModel with the same tokenizer,
-        "self-int4" (this model int4-quantized), or "prompt-lookup"; num_draft_tokens: fixed k
-        (default: adaptive). Output as without it (greedy: same tokens; sampling: same distribution).
+        See GenerationConfig for every parameter (sampling order, stop strings, draft=, ...).
         """
+        cfg = self._config(config, kwargs)
         prompts, single = self._prompts(prompt, add_special_tokens)
-        results: list[GenerationResult] = []
-        for _ in self._run(prompts, results, max_new_tokens, temperature, top_k, top_p, min_p,
-                           repetition_penalty, seed, stop, ignore_eos, logprobs, truncate,
-                           draft=draft, num_draft_tokens=num_draft_tokens):
-            pass
+        results = self._run(prompts, cfg).results
         return results[0] if single else results
 
-    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> "TextStream":
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
+               add_special_tokens: bool = True, **kwargs: "Unpack[GenerationKwargs]") -> "TextStream":
         """Like generate() for one prompt, but yields text pieces as they are final; `.result` at the end."""
-        prompts, single = self._prompts(prompt, kwargs.pop("add_special_tokens", True))
+        cfg = self._config(config, kwargs)
+        prompts, single = self._prompts(prompt, add_special_tokens)
         if not single:
             raise InvalidArgumentError("stream() takes one prompt; use generate() for batches")
-        return TextStream(self, prompts, kwargs)
+        return TextStream(self._run(prompts, cfg))
 
-    def chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        stream: bool = False,
-        **kwargs: Any,
-    ) -> GenerationResult | "TextStream":
+    def chat(self, messages: list[dict[str, Any]], config: GenerationConfig | None = None, *, stream: bool = False,
+             **kwargs: "Unpack[GenerationKwargs]") -> "GenerationResult | TextStream":
         """Answer a conversation: render the chat template (with the generation prompt) and generate."""
+        cfg = self._config(config, kwargs)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if stream:
-            return self.stream(ids, **kwargs)
-        return self.generate(ids, **kwargs)
+        return self.stream(ids, cfg) if stream else self.generate(ids, cfg)
+
+    def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise InvalidArgumentError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        base = config if config is not None else self.defaults
+        return base.replace(**kwargs) if kwargs else base
 
     def _prompts(self, prompt: Any, add_special_tokens: bool) -> tuple[list[list[int]], bool]:
         def encode(p: Any) -> list[int]:
@@ -149,84 +129,123 @@ class LanguageModel:
 
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
-        if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and not isinstance(prompt[0], (str, list, tuple))):
+        if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt
+                                       and not isinstance(prompt[0], (str, list, tuple))):
             return [encode(prompt)], True
         if isinstance(prompt, Sequence) and prompt:
             return [encode(p) for p in prompt], False
         raise InvalidArgumentError("the prompt is empty")
 
-    def _run(self, prompts, results, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, seed=None, stop=None, ignore_eos=False, logprobs=False, truncate=False,
-             draft=None, num_draft_tokens=None):
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
-        fitted = [fit_prompt(p, max_new_tokens, self.context_length, truncate=truncate) for p in prompts]
-        prompts = [p for p, _ in fitted]
-        budget = min(b for _, b in fitted)
-        if isinstance(stop, str):
-            stop = [stop]
-        steps_factory = None
-        if draft is not None:
-            from .generation.speculative import steps_factory as speculative_factory
+    def _run(self, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationRun:
+        return GenerationRun(self.step, self.tokenizer, prompts, cfg, eos_ids=self.eos_token_ids,
+                             context=self.context_length, strategy=self._strategy(cfg, len(prompts)))
 
-            steps_factory = speculative_factory(self, draft, num_draft_tokens, len(prompts))
-        elif num_draft_tokens is not None:
-            raise InvalidArgumentError("num_draft_tokens needs draft= (a draft model, 'self-int4' or 'prompt-lookup')")
-        return run_generation(
-            self.model, self.tokenizer, prompts, max_new_tokens=budget, params=params,
-            eos_ids=self.eos_token_ids, stop=stop or (), ignore_eos=ignore_eos, logprobs=logprobs,
-            results=results, decode_fn=self.decode_fn, cache_len=self._cache_len(prompts, budget),
-            steps_factory=steps_factory,
-        )
-
-    def _cache_len(self, prompts: list[list[int]], max_new_tokens: int) -> int | None:
-        if not self.cache_bucket:
+    def _strategy(self, cfg: GenerationConfig, n_prompts: int):
+        """None (plain decoding) or the speculative strategy that `cfg.draft` asks for."""
+        if cfg.draft is None:
             return None
-        need = max(len(p) for p in prompts) + max_new_tokens
-        size = -(-need // self.cache_bucket) * self.cache_bucket
-        return min(size, max(need, self.context_length))
+        from .speculative import PromptLookupDrafter, SpeculativeDecoding, check_same_vocabulary, model_drafter
 
-    def quantize(
-        self, scheme: str, group_size: int = 32, *, include_lm_head: bool | str = "int8",
-        dtype: str | torch.dtype | None = None,
-    ) -> "LanguageModel":
+        if n_prompts != 1:
+            raise InvalidArgumentError(f"speculative decoding (draft=) takes one prompt at a time, got a batch of {n_prompts}")
+        draft = cfg.draft
+        if draft == "prompt-lookup":
+            drafter: Any = PromptLookupDrafter()
+        elif draft in ("self-int4", "self-int8"):
+            step, used = self._self_draft(draft.removeprefix("self-"))
+            drafter = model_drafter(self.step, step, draft if used == draft[5:] else f"{draft} ({used})")
+        elif isinstance(draft, LanguageModel):
+            check_same_vocabulary(self.tokenizer, draft.tokenizer)
+            ref = draft.source.reference if draft.source else "model"
+            drafter = model_drafter(self.step, draft.step, f"model:{ref}")
+        else:
+            raise InvalidArgumentError(
+                f"draft must be a LanguageModel or one of {', '.join(DRAFT_NAMES)}, got {type(draft).__name__}")
+        return SpeculativeDecoding(drafter, num_draft_tokens=cfg.num_draft_tokens)
+
+    def _self_draft(self, scheme: str) -> tuple[DecodeStep, str]:
+        """This model quantized to `scheme` as a draft (built once), stepped like the target (compiled or not)."""
+        if scheme not in self._self_drafts:
+            from .speculative import self_draft
+
+            self._self_drafts[scheme] = self.step.for_model(self_draft(self.model, scheme))
+        step = self._self_drafts[scheme]
+        return step, step.model.quantization or scheme
+
+    # ------------------------------------------------------------------------------ speed
+    def quantize(self, scheme: str, group_size: int = 32, *, include_lm_head: bool | str = "int8",
+                 dtype: str | torch.dtype | None = None) -> "LanguageModel":
         """Weight-only quantization in place ("int8" or "int4"), see leanformers.quantize.quantize_model.
 
-        Call compile() (if wanted) after: a compiled step of the unquantized model is dropped.
+        A compiled step of the unquantized model is dropped (with a warning): call compile() after.
         """
+        from .compile.memory import move_to_huge_pages, uses_huge_pages
         from .quantize import quantize_model
 
+        was_compiled = self.step.is_compiled
         quantize_model(self.model, scheme, group_size=group_size, include_lm_head=include_lm_head,
                        dtype=parse_dtype(dtype))
         if uses_huge_pages(self.model):  # repack: the pages of the replaced float weights are freed
             move_to_huge_pages(self.model)
-        self.quantization = scheme
-        self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
+        if was_compiled:
+            logger.warning("leanformers: the model was quantized (%s) after compiling: the compiled decode step "
+                           "is dropped; compile again", scheme)
+        self.step = DecodeStep(self.model)
+        self._self_drafts.clear()
         return self
 
-    def compile(self, *, cache_bucket: int | None = None, **opts: Any) -> "LanguageModel":
-        """Compile the one-token decode step (torch.compile; cached on disk), see leanformers.generation.compile.
+    def compile(self, *, cache_bucket: int | None = None, speculative: bool = False, **opts: Any) -> "LanguageModel":
+        """Compile the one-token decode step (cached on disk), see leanformers.compile.compile_decode.
 
-        Compiles now (or loads the step from the disk cache), not at the first request. cache_bucket:
-        KV-cache sizes are rounded up to a multiple of it so requests share one compiled graph (default
-        1024, or the context length if smaller); a longer request compiles one more graph. Other options
-        go to compile_decode (mode, cache_dir, batch_size, speculative=True to also build the graph that
-        verifies drafted tokens, ...). Call after quantize(). If compiling is impossible or fails, a
-        warning says why and decoding stays eager.
+        Compiles now (or loads the step from the disk cache), not at the first request. cache_bucket: KV
+        cache sizes are rounded up to a multiple of it so requests share one graph (default 1024, or the
+        context length if smaller). speculative: also build (or load) now the graph that verifies drafted
+        tokens (otherwise the first speculative request builds it). Other options go to compile_decode.
+        Call after quantize(). If compiling is impossible or fails, a warning says why and decoding stays eager.
         """
-        from .generation.compile import DEFAULT_CACHE_LEN, compile_decode
+        from .compile import DEFAULT_CACHE_LEN, compile_decode
+        from .speculative.costs import default_verify_rows
 
-        bucket = cache_bucket or min(DEFAULT_CACHE_LEN, self.context_length)
-        opts.setdefault("cache_len", bucket)
         opts.setdefault("huge_pages", self.huge_pages is not False)
-        fn = compile_decode(self.model, **opts)
-        if fn.failure is None:
-            self.decode_fn, self.cache_bucket = fn, bucket
+        if "verify_rows" not in opts and self.device.type == "cpu":
+            opts["verify_rows"] = default_verify_rows(self.model.weight_kind)
+        step = compile_decode(self.model, cache_bucket=cache_bucket or min(DEFAULT_CACHE_LEN, self.context_length),
+                              speculative=speculative, **opts)
+        self.step = step if step.failure is None else DecodeStep(self.model)
+        self._self_drafts.clear()
         return self
 
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"
         return f"LanguageModel({ref!r}, {self.config.model_type}, {self.dtype}, {self.device})"
+
+
+class TextStream:
+    """Iterator over the text pieces of one generation; `.result` holds the GenerationResult afterwards."""
+
+    def __init__(self, run: GenerationRun):
+        self._run = run
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._run
+        self.result = self._run.results[0]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here, or InvalidArgumentError naming what is wrong."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"invalid device {device!r}; use e.g. cpu, cuda or cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r}: CUDA is not available in this torch build or machine "
+                                   f"(torch {torch.__version__}); use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise InvalidArgumentError(f"device {device!r} is not supported; use cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidArgumentError(f"device {device!r}: MPS is not available here")
+    return dev
 
 
 def load(
@@ -251,12 +270,11 @@ def load(
     weights map exactly onto the int4 kernels (group_size 32) without being dequantized.
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
-    (leanformers.memory: compiled decoding ran 11-53% faster here; the copy costs 0.1-0.8 s per
-    540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
+    (leanformers.compile.memory). None (default): when compiling; True: now; False: never.
     """
     if progress is None:
         progress = sys.stderr.isatty()
-    device = torch.device(device)
+    dev = parse_device(device)
     wanted = parse_dtype(dtype)
     if huge_pages not in (None, True, False):
         raise InvalidArgumentError(f"huge_pages must be None, True or False, got {huge_pages!r}")
@@ -272,47 +290,40 @@ def load(
     else:
         tokenizer = load_tokenizer_from_dir(resolved.path)
         generation_config = read_generation_config(resolved.path)
-    dtype_ = wanted or default_dtype(None if gguf is not None else config.torch_dtype, device)
+    dtype_ = wanted or default_dtype(None if gguf is not None else config.torch_dtype, dev)
     exact: dict[str, Any] = {}
     if quantize is not None:
-        from .quantize import gguf_exact_int4_names
-
         # quantize from the checkpoint's own precision; quantize_model then picks the activation dtype
         dtype_ = torch.float32 if gguf is not None else DTYPE_NAMES.get(
             str(config.torch_dtype or "float32").removeprefix("torch."), torch.float32)
         if quantize == "int4" and gguf is not None:
-            names = gguf_exact_int4_names(tensors, tie_word_embeddings=config.tie_word_embeddings)
-            if names and group_size != 32:
-                logger.info("GGUF Q4 weights map exactly onto int4 only with group_size 32; requantizing to %d",
-                            group_size)
-            elif names:
-                exact = {n: tensors[n] for n in names}
-    model = build_model(config, tensors, dtype=dtype_, device=device, source=str(resolved.path), progress=progress,
+            exact = _exact_int4(config, tensors, group_size)
+    model = build_model(config, tensors, dtype=dtype_, device=dev, source=str(resolved.path), progress=progress,
                         placeholders=exact.keys())
-    lm = LanguageModel(
-        model, tokenizer, config, source=resolved, files=files, generation_config=generation_config
-    )
+    lm = LanguageModel(model, tokenizer, config, source=resolved, files=files, generation_config=generation_config)
     if quantize is not None:
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
-        lm.quantization = quantize
     lm.huge_pages = huge_pages
-    if huge_pages and device.type == "cpu":
+    if huge_pages and dev.type == "cpu":
+        from .compile.memory import move_to_huge_pages
+
         move_to_huge_pages(model)
     if compile:
         lm.compile()
     return lm
 
 
-class TextStream:
-    """Iterator over the text pieces of one generation; `.result` holds the GenerationResult afterwards."""
+def _exact_int4(config: ModelConfig, tensors: Any, group_size: int) -> dict[str, Any]:
+    """The GGUF Q4_0/Q4_1 tensors that map exactly onto int4 modules (not read into float weights)."""
+    from .models.registry import family_for
+    from .quantize import gguf_exact_int4_names
 
-    def __init__(self, lm: LanguageModel, prompts: list[list[int]], kwargs: dict[str, Any]):
-        self._results: list[GenerationResult] = []
-        self._pieces = lm._run(prompts, self._results, **kwargs)
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._pieces
-        self.result = self._results[0]
+    with torch.device("meta"):
+        skeleton = family_for(config).build(config)
+    names = gguf_exact_int4_names(skeleton, tensors)
+    if names and group_size != 32:
+        logger.info("GGUF Q4 weights map exactly onto int4 only with group_size 32; requantizing to %d", group_size)
+        return {}
+    return {n: tensors[n] for n in names}

@@ -88,14 +88,9 @@ def build_model(
     with torch.device("meta"):
         model = family.build(config)
     expected = model.state_dict()
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    unexpected = [
-        k for k in tensors
-        if k not in expected
-        and not k.endswith(_IGNORED_SUFFIXES)
-        and not (config.tie_word_embeddings and k == "lm_head.weight")
-    ]
+    tied_head = f"{model.output_head}.weight" if model.tied_embeddings else None
+    expected.pop(tied_head, None)
+    unexpected = [k for k in tensors if k not in expected and not k.endswith(_IGNORED_SUFFIXES) and k != tied_head]
     if unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} tensors do not belong to a {config.model_type} model "
@@ -124,8 +119,7 @@ def build_model(
             t = value if value.dtype == dtype else value.to(dtype)
         state[name] = t.to(device) if t.device != device else t
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     model.to(device)  # non-persistent buffers (rope frequencies)
     model.eval()
     for p in model.parameters():

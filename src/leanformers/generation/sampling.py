@@ -45,12 +45,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generator(self, device: torch.device) -> torch.Generator | None:
-        if self.greedy:
-            return None
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return g
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -127,3 +121,28 @@ def sample(
     if params.greedy:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Sampler:
+    """SamplingParams plus the random generator of one generation (seeded: reproducible draws)."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token ids (B,) from logits (B, V)."""
+        return sample(logits, self.params, self.generator, history)
+
+    def probabilities(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        return probabilities(logits, self.params, history)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One index drawn from a probability vector (V,)."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self, n: int, device: torch.device | str) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=device)

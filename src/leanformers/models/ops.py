@@ -1,25 +1,20 @@
-"""Matrix-vector products for compiled CPU decode steps.
+"""Layers shared by the model families, and the matrix-vector products of compiled CPU decode steps.
 
-A decode step multiplies one activation row by every weight matrix: a GEMV, bound by how fast the
-weights stream from memory. torch's CPU GEMV for one row is far from that bound (measured here, AMD
-EPYC, 2 threads, torch 2.13 + MKL: F.linear with one float32 row streamed 10 GB/s and did not use the
-second thread; `_weight_int8pack_mm` 11-13 GB/s) while the machine reads 47 GB/s. Written as a
-broadcast multiply and a sum over K, the same product becomes, inside a torch.compile'd graph, one
-Inductor C++ loop per weight: vectorized, split over threads by output row, reading each weight once
-(31 GB/s for float32, 30 GB/s of bfloat16, 21-25 GB/s of int8 with the int8->float conversion fused).
+Shared layers: RMSNorm, rotary embeddings (`rope_inv_freq`, `rope_cos_sin`, `apply_rope`), the attention
+mask (`attention_mask`) and attention itself (`attend`), so a family file holds only what is its own.
 
-Two details matter:
-- The input row is forced into its own buffer (`_materialized`). Otherwise Inductor inlines the
-  producer (an RMSNorm, or silu(gate) * up) into the reduction and recomputes it for each of the N
-  output rows: the tied 49152-row lm_head then took 3.4 ms instead of 1.1 ms per token in int8.
-- Eager mode and other devices keep F.linear / the int8 kernel: outside a compiled graph the
-  broadcast product would materialize an (N, K) temporary.
-- Several rows (a small batch, or a speculative verification over k+1 tokens) are the innermost
-  loop, so the weights still stream once. Measured (SmolLM2-135M's 121 matrices, float32, 2 threads):
-  1 row 18.7 ms, 4 rows 21.9, 6 rows 24.8, 8 rows 37.0 (compute-bound from ~6 rows), against 51-71 ms
-  for torch's matmul with 1-12 rows.
-
-Accumulation is in float32, the result is cast to the activation dtype, as F.linear does.
+Compiled CPU decoding multiplies one activation row by every weight matrix: a GEMV, bound by how fast the
+weights stream from memory. torch's one-row CPU matmul is far from that bound (bench/RESULTS.md, "Why the
+compiled step is fast"), while a broadcast multiply and a sum over K becomes, inside a torch.compile'd
+graph, one Inductor C++ loop per weight: vectorized, split over threads by output row, reading each
+weight once. Two details matter:
+- The input row is forced into its own buffer (`realized`). Otherwise Inductor inlines the producer (an
+  RMSNorm, or silu(gate) * up) into the reduction and recomputes it for each of the N output rows.
+- Eager mode and other devices keep F.linear / the int8 kernel: outside a compiled graph the broadcast
+  product would materialize an (N, K) temporary.
+Several rows (a small batch, or a speculative verification over k+1 tokens) are the innermost loop, so the
+weights still stream once. Accumulation is in float32, the result is cast to the activation dtype, as
+F.linear does.
 """
 
 from __future__ import annotations
@@ -76,20 +71,141 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
     """Attention of a few queries per row over S cached keys, as reductions (inside compiled CPU steps).
 
     q (B, H, T, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (GQA); mask (B or 1, 1, T, S) bool.
-    Inductor fuses this into its own loops, where the SDPA op would be one external call per layer
-    (~20-30 us each here) plus, for bfloat16, float32 copies of K and V. Softmax in float32. Each query
+    Inductor fuses this into its own loops, where the SDPA op would be one external call per layer plus,
+    for bfloat16, float32 copies of K and V. Softmax in float32. Each query
     is computed as it would be alone (masked keys add exact zeros), so T > 1 (speculative verification)
     agrees with T one-query steps.
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    qf = q.float().reshape(B, Hkv, H // Hkv, T, 1, D) * (1.0 / math.sqrt(D))
+    qf = q.float().reshape(B, Hkv, H // Hkv, T, 1, D) * (scale if scale is not None else 1.0 / math.sqrt(D))
     scores = (qf * k.float()[:, :, None, None]).sum(-1)  # (B, Hkv, rep, T, S)
     scores = torch.where(mask.reshape(mask.shape[0], 1, 1, T, S), scores, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     out = (p.unsqueeze(-1) * v.float()[:, :, None, None]).sum(-2)  # (B, Hkv, rep, T, D)
+    return out.reshape(B, H, T, D).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------- shared layers
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32; `offset` = 1 for families that store weight - 1 (Gemma)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float32, with `linear` or `llama3` scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are interpolated, short ones kept, the band between blended smoothly
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, head_dim) for positions (B, T), in `dtype`."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by cos/sin (B, 1, T, D): the two halves of the head are the pair components."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(positions: torch.Tensor, n_keys: int, *, window: int | None = None,
+                   segments: torch.Tensor | None = None, cached: bool = True) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, n_keys) of which keys each query sees, or None for plain causal attention.
+
+    positions (B, T): each query's position; keys are cache slots 0..n_keys-1 (cached) or the T tokens
+    themselves. A query sees keys at positions <= its own, within `window` if given. segments (B, T), only
+    without a cache: 0 = padding, equal positive ids = one sequence (packed rows attend within their
+    segment); a padding query sees itself only, so its (ignored) output stays finite.
+    """
+    if not cached and window is None and segments is None:
+        return None
+    q = positions.unsqueeze(-1)  # (B, T, 1)
+    if cached:
+        key = torch.arange(n_keys, device=positions.device)  # (S,)
+    else:
+        key = positions.unsqueeze(1)  # (B, 1, T): key j sits at position positions[b, j]
+    allowed = key <= q
+    if window is not None:
+        allowed = allowed & (key > q - window)
+    if segments is not None:
+        same = segments.unsqueeze(-1) == segments.unsqueeze(1)  # (B, T, T)
+        causal = torch.arange(n_keys, device=positions.device)
+        order = causal.unsqueeze(0) <= causal.unsqueeze(1)  # token order, whatever the positions
+        allowed = allowed & same & (segments != 0).unsqueeze(1) & order
+        allowed = allowed | torch.eye(n_keys, dtype=torch.bool, device=positions.device)
+    return allowed.unsqueeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+           scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q (B, H, T, D), k/v (B, Hkv, S, D) with H a multiple of Hkv (GQA).
+
+    mask (B or 1, 1, T, S) bool or None (causal). Inside a compiled CPU graph with few query rows this is
+    `decode_attention` (Inductor fuses it); elsewhere torch's SDPA. softcap: tanh soft-capping of the
+    scores (Gemma 2), computed explicitly.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if softcap is not None:
+        return _explicit_attention(q, k, v, mask, scale, softcap)
+    if mask is not None and torch.compiler.is_compiling() and q.device.type == "cpu" \
+            and q.shape[0] * q.shape[2] <= MAX_ROWS:  # a compiled CPU decode step or verification
+        return decode_attention(q, k, v, mask, scale=scale)
+    if mask is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                                                enable_gqa=gqa)
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        # torch's CPU kernel is slow for ONE bfloat16 query (bench/RESULTS.md): upcasting k/v is cheaper
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=gqa).to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _explicit_attention(q, k, v, mask, scale, softcap) -> torch.Tensor:
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    qf = q.float().reshape(B, Hkv, H // Hkv, T, D)
+    scores = torch.einsum("bgrtd,bgsd->bgrts", qf, k.float()) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, T, S), float("-inf"))
+    out = torch.einsum("bgrts,bgsd->bgrtd", scores.softmax(-1), v.float())
     return out.reshape(B, H, T, D).to(q.dtype)

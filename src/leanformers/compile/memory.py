@@ -2,11 +2,9 @@
 
 Decoding one token streams every weight from memory once. With ordinary 4 KiB pages that stream
 crosses a page boundary every 4 KiB (a TLB miss each time, and the hardware prefetchers stop at page
-boundaries). Copied into one anonymous mapping marked MADV_HUGEPAGE, the weights sit in 2 MiB pages.
-Measured on this project's 2-core AMD EPYC VM, 2 threads: a plain sum over 540 MB read 47-49 GB/s from
-4 KiB pages and 55-60 GB/s from huge pages; SmolLM2-135M's compiled decoding went from 50.1 to 76.6 tok/s
-(float32), 87.1 to 122.6 (bfloat16) and 139.1 to 154.1 (int4) in one benchmark run (README;
-`leanformers bench` modes ending in -4k keep 4 KiB pages).
+boundaries). Copied into one anonymous mapping marked MADV_HUGEPAGE, the weights sit in 2 MiB pages and
+stream faster (bench/RESULTS.md, "Weights in huge pages"; `leanformers bench` modes ending in -4k keep
+4 KiB pages for the A/B).
 
     moved = move_to_huge_pages(model)    # bytes copied; 0 where the OS offers no huge pages
 

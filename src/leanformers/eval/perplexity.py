@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,10 @@ kernels plus a C++ wrapper that calls them, without the weights. `AOTIStep.load(
 with torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`) and hands it the model's own
 parameter and buffer tensors as user-managed constants (no copy: they stay shared with the model).
 
-Why: a saved torch.compile artifact needs torch._dynamo and torch._inductor at load time (~1 s of
-imports alone), Dynamo's guards and Inductor's Python wrapper (2.6-3.0 s on this machine for
-SmolLM2-135M). The package loads in milliseconds, and its C++ wrapper launches the ~500 kernels of a
-step with less overhead than Python does. Loading executes the package's native code: the cache
-directory must be writable by its owner only, like any build cache.
+Why: a saved torch.compile artifact needs torch._dynamo and torch._inductor at load time (seconds of
+imports and guard set-up; bench/RESULTS.md), while the package loads in milliseconds and its C++ wrapper
+launches the hundreds of kernels of a step with less overhead than Python does. Loading executes the
+package's native code: the cache directory must be writable by its owner only, like any build cache.
 """
 
 from __future__ import annotations
@@ -24,26 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.cache import KVCache
+
 MIN_WINDOW = 2  # window lengths a package accepts: MIN_WINDOW .. cache length - 1
 
 
 class _Flat(nn.Module):
-    """`forward(model, tokens, cache, slots, positions, mask)` over flat tensor inputs, for torch.export."""
+    """`forward(model, tokens, positions, cache)` over flat tensor inputs (tokens, positions, *k, *v), for torch.export."""
 
-    def __init__(self, model: nn.Module, forward: Any, has_mask: bool):
+    def __init__(self, model: nn.Module, forward: Any):
         super().__init__()
         self.model = model
         self.forward_fn = forward
-        self.has_mask = has_mask
 
-    def forward(self, tokens, slots, positions, *rest):
-        from .compile import _Window
-
-        mask, kv = (rest[0], rest[1:]) if self.has_mask else (None, rest)
+    def forward(self, tokens, positions, *kv):
         n = len(kv) // 2
-        cache = _Window.__new__(_Window)
-        cache.k, cache.v, cache.batch_size = list(kv[:n]), list(kv[n:]), tokens.shape[0]
-        return self.forward_fn(self.model, tokens, cache, slots, positions, mask)
+        return self.forward_fn(self.model, tokens, positions, KVCache(list(kv[:n]), list(kv[n:])))
 
 
 @contextlib.contextmanager
@@ -54,27 +49,26 @@ def _quiet():
         yield
 
 
-def _flat_inputs(tokens, cache, slots, positions, mask) -> list[torch.Tensor]:
-    return [tokens, slots, positions, *([mask] if mask is not None else []), *cache.k, *cache.v]
+def _flat_inputs(tokens, positions, cache) -> list[torch.Tensor]:
+    return [tokens, positions, *cache.k, *cache.v]
 
 
 def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window: int | None,
             options: dict[str, Any] | None) -> None:
     """Export `forward(model, *args)` and build it into an AOTInductor package at `path` (no weights inside).
 
-    args: (tokens, cache, slots, positions, mask) as the decode loop passes them. max_window: the cache
-    holds views of its first slots, their number dynamic in MIN_WINDOW .. max_window; None: a static cache.
+    args: (tokens, positions, cache) as the decode loop passes them. max_window: the cache holds views of
+    its first slots, their number dynamic in MIN_WINDOW .. max_window; None: a static cache.
     """
     import torch._inductor
 
-    tokens, cache, slots, positions, mask = args
-    flat = _Flat(model, forward, mask is not None)
-    inputs = _flat_inputs(tokens, cache, slots, positions, mask)
+    tokens, positions, cache = args
+    flat = _Flat(model, forward)
+    inputs = _flat_inputs(tokens, positions, cache)
     kv_dims: Any = None
     if max_window is not None:
         kv_dims = {2: torch.export.Dim("window", min=MIN_WINDOW, max=max_window)}
-    n_fixed = 4 if mask is not None else 3
-    dynamic = (*[None] * n_fixed, tuple(kv_dims for _ in range(len(inputs) - n_fixed)))
+    dynamic = (None, None, tuple(kv_dims for _ in range(len(inputs) - 2)))
     with torch.no_grad(), _quiet():
         program = torch.export.export(flat, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     configs = dict(options or {})
@@ -94,17 +88,17 @@ def package(path: Path, model: nn.Module, forward: Any, args: tuple, max_window:
 
 
 class AOTIStep:
-    """A loaded package: called like a compiled step, `(tokens, cache, slots, positions, mask) -> logits`."""
+    """A loaded package: called like a compiled step, `(tokens, positions, cache) -> logits`."""
 
     def __init__(self, loader: Any, path: Path):
         self.loader = loader
         self.path = path
 
     @classmethod
-    def load(cls, path: Path, model: nn.Module, forward: Any, has_mask: bool) -> "AOTIStep":
+    def load(cls, path: Path, model: nn.Module, forward: Any) -> "AOTIStep":
         """Open the package at `path` and bind `model`'s tensors to it (shared, not copied)."""
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        flat = _Flat(model, forward, has_mask)
+        flat = _Flat(model, forward)
         tensors = dict(flat.named_parameters(remove_duplicate=False))
         tensors.update(flat.named_buffers(remove_duplicate=False))
         names = loader.get_constant_fqns()
@@ -114,5 +108,5 @@ class AOTIStep:
         loader.load_constants({n: tensors[n].detach() for n in names}, False, True, True)
         return cls(loader, path)
 
-    def __call__(self, tokens, cache, slots, positions, mask) -> torch.Tensor:
-        return self.loader.run(_flat_inputs(tokens, cache, slots, positions, mask))[0]
+    def __call__(self, tokens, positions, cache) -> torch.Tensor:
+        return self.loader.run(_flat_inputs(tokens, positions, cache))[0]

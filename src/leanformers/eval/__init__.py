@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (eval/perplexity.py)."""
