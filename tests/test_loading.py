@@ -42,6 +42,51 @@ def test_logits_match_transformers(tiny_models, kind):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_tiny_models_carry_signal(tiny_models, tmp_path, kind):
+    """Parity within 1e-4 proves something only if plausible bugs move logits by far more: a rope base 50x
+    wrong, KV heads served to the wrong query heads, attention that is not near-uniform, top-2 margins
+    well above the tolerance (measured: rope 0.5-4, KV swap 5-8, median margin 0.17-0.28, the largest
+    attention weight 2.7-5.7x uniform)."""
+    lm = leanformers.load(str(tiny_models[kind]), dtype="float32", progress=False)
+    cfg = json.loads((tiny_models[kind] / "config.json").read_text())
+    rope = dict(cfg["rope_parameters"], rope_theta=cfg["rope_parameters"]["rope_theta"] * 50)
+    wrong_rope = leanformers.load(str(_with_config(tiny_models[kind], tmp_path / "rope", rope_parameters=rope)),
+                                  dtype="float32", progress=False)
+    ids = _ids(length=24)
+    with torch.no_grad():
+        logits = lm.model(ids)
+        assert (wrong_rope.model(ids) - logits).abs().max() > 0.2
+        ref = _reference(tiny_models[kind], attn_implementation="eager")
+        attn = ref(ids, output_attentions=True).attentions
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).median() > 0.1
+    for a in attn:  # (B, H, T, T): each late query's largest weight, against uniform over the keys it sees
+        late = a[..., 8:, :]
+        assert (late.amax(-1) * (late > 0).sum(-1)).mean() > 2.0
+    n_heads, n_kv = lm.config.num_attention_heads, lm.config.num_key_value_heads
+    if kind == "linear_rope_bias":
+        assert n_kv == n_heads  # the multi-head case
+        return
+    assert n_kv >= 2 and n_heads // n_kv >= 2
+    d = lm.config.head_dim
+    with torch.no_grad():  # serve the KV heads to the wrong query groups: the logits must notice
+        for layer in lm.model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for p in (proj.weight, proj.bias):
+                    if p is not None:
+                        p.copy_(p.reshape(n_kv, d, *p.shape[1:]).roll(1, 0).reshape(p.shape))
+        assert (lm.model(ids) - logits).abs().max() > 1.0
+
+
 def test_config_variants_are_exercised(tiny_models):
     cfgs = {k: leanformers.load(str(d), progress=False).config for k, d in tiny_models.items()}
     assert cfgs["llama3"].rope_type == "llama3" and not cfgs["llama3"].tie_word_embeddings
