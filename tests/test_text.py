@@ -140,6 +140,16 @@ def test_several_stops(text, stop, result):
     assert asm.text == result
 
 
+@pytest.mark.parametrize("chunks, stop, result", [
+    ([b"x", b"abcd"], ["bc", "abcd"], "x"),  # one token completes both: the earliest start cuts
+    ([b"one ", b"END\n\n"], ["\n\n", "END"], "one "),
+    ([b"xab", b"cab"], ["bca", "abc"], "x"),
+])
+def test_one_token_completes_several_stops(chunks, stop, result):
+    pieces, asm = run(chunks, stop)
+    assert asm.text == result
+
+
 @pytest.mark.parametrize("text, stop, result", [
     ("hello 你好 world", ["你好"], "hello "),
     ("café! ok", ["é!"], "caf"),
