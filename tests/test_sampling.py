@@ -310,11 +310,11 @@ def test_batched_repetition_penalty_equals_single(tiny_models):
 @pytest.mark.slow
 def test_smollm2_greedy_repetition_penalty_equals_transformers(lf_smollm2, hf_smollm2):
     model, tok = hf_smollm2
-    sensitive = 0
+    sensitive = False
     for prompt in ["The capital of France is", "List the days of the week:"]:
         ids = tok(prompt).input_ids
-        ref = _hf_greedy(model, ids, 40, 1.3)
-        ours = lf_smollm2.generate(ids, max_new_tokens=40, ignore_eos=True, repetition_penalty=1.3)
+        ref = _hf_greedy(model, ids, 32, 1.3)
+        ours = lf_smollm2.generate(ids, max_new_tokens=32, ignore_eos=True, repetition_penalty=1.3)
         assert ours.token_ids == ref, prompt
-        sensitive += _hf_greedy(model, ids, 40, 1.3, prompt_only=True) != ref
-    assert sensitive > 0
+        sensitive = sensitive or _hf_greedy(model, ids, 32, 1.3, prompt_only=True) != ref
+    assert sensitive
