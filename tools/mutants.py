@@ -87,7 +87,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "generated tokens left out of the repetition-penalty history", "sampling", "generation/decode.py",
-        "history = torch.cat([history, token.unsqueeze(-1)], dim=1)", "history = history",
+        "if self._history is None or self._history.shape[1] != n:", "if self._history is None:",
         ("tests/test_sampling.py", "-k", "repetition_penalty"), issue=True,
     ),
     # ------------------------------------------------------------------ stop strings and streaming
@@ -111,35 +111,36 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ rope
     Mutant(
-        "rope base 50x too large", "rope", "models/llama.py",
-        "config.rope_theta ** (", "(50 * config.rope_theta) ** (", PARITY,
+        "rope base 50x too large", "rope", "models/ops.py",
+        "inv_freq = 1.0 / (theta ** (", "inv_freq = 1.0 / ((50 * theta) ** (", PARITY,
     ),
     Mutant(
-        "rotate_half rotates the other way", "rope", "models/llama.py",
-        "return torch.cat((-x2, x1), dim=-1)", "return torch.cat((x2, -x1), dim=-1)", PARITY,
+        "rotate_half rotates the other way", "rope", "models/ops.py",
+        "torch.cat((-x2, x1), dim=-1)", "torch.cat((x2, -x1), dim=-1)", PARITY,
     ),
     Mutant(
-        "llama3 rope: smooth factor measured from the high-frequency end", "rope", "models/llama.py",
+        "llama3 rope: smooth factor measured from the high-frequency end", "rope", "models/ops.py",
         "smooth = (old_len / wavelen - low) / (high - low)", "smooth = (old_len / wavelen - high) / (high - low)",
         PARITY,
     ),
     Mutant(
-        "linear rope scaling multiplies the frequencies", "rope", "models/llama.py",
+        "linear rope scaling multiplies the frequencies", "rope", "models/ops.py",
         "inv_freq = inv_freq / scaling[\"factor\"]", "inv_freq = inv_freq * scaling[\"factor\"]", PARITY,
     ),
     # ------------------------------------------------------------------ GQA head mapping
     Mutant(
-        "GQA: KV heads tiled (h -> h mod n_kv) instead of grouped, unmasked attention", "gqa", "models/llama.py",
-        "out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_heads != self.n_heads)",
-        "r = self.n_heads // self.n_kv_heads\n"
-        "            out = F.scaled_dot_product_attention(q, k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1), is_causal=T > 1)",
+        "GQA: KV heads tiled (h -> h mod n_kv) instead of grouped, unmasked attention", "gqa", "models/ops.py",
+        "scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,",
+        "scaled_dot_product_attention(q, k.repeat(1, q.shape[1] // k.shape[1], 1, 1), "
+        "v.repeat(1, q.shape[1] // k.shape[1], 1, 1), is_causal=q.shape[2] > 1, scale=scale,",
         PARITY,
     ),
     Mutant(
-        "GQA: KV heads tiled instead of grouped, masked attention (cache, window, padding)", "gqa", "models/llama.py",
-        "out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)",
-        "r = self.n_heads // self.n_kv_heads\n"
-        "            out = F.scaled_dot_product_attention(q, k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1), attn_mask=mask)",
+        "GQA: KV heads tiled instead of grouped, masked attention (cache, window, padding)", "gqa", "models/ops.py",
+        "return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)",
+        "r = q.shape[1] // k.shape[1]\n"
+        "    return torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1), "
+        "attn_mask=mask, scale=scale)",
         ("tests/test_loading.py", "-k", "logits_match_transformers"),
     ),
     Mutant(
@@ -167,20 +168,22 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ KV cache
     Mutant(
-        "KV cache: decode writes one slot too far", "kv-cache", "generation/decode.py",
-        "slot = L + i\n", "slot = L + i + 1\n", GENERATION,
+        "KV cache: decode writes one position too far", "kv-cache", "generation/decode.py",
+        "positions = torch.tensor([[len(r) - 1] for r in self.rows], device=self.device)",
+        "positions = torch.tensor([[len(r)] for r in self.rows], device=self.device)", GENERATION,
     ),
     Mutant(
         "KV cache: the new token does not attend to itself", "kv-cache", "models/llama.py",
-        "kv_len = int(slots[-1]) + 1", "kv_len = int(slots[-1])", GENERATION,
+        "kv_len = int(positions.max()) + 1", "kv_len = int(positions.max())", GENERATION,
     ),
     Mutant(
-        "KV cache: values of a prefill chunk written in reverse slot order", "kv-cache", "generation/kv_cache.py",
-        "v_buf.index_copy_(2, slots, v.to(v_buf.dtype))", "v_buf.index_copy_(2, slots.flip(0), v.to(v_buf.dtype))",
+        "KV cache: values of a prefill chunk written in reverse slot order", "kv-cache", "models/cache.py",
+        "v_buf.scatter_(2, index, v.to(v_buf.dtype))", "v_buf.scatter_(2, index.flip(2), v.to(v_buf.dtype))",
         GENERATION,
     ),
     Mutant(
-        "KV cache: left padding mask hides each row's first real token", "kv-cache", "generation/decode.py",
-        "mask = slots.unsqueeze(0) >= pad.unsqueeze(1)", "mask = slots.unsqueeze(0) > pad.unsqueeze(1)", GENERATION,
+        "ragged batch: a short row's first token read from the padded end of its prefill", "kv-cache",
+        "generation/decode.py", "picked = hidden[rows, [lengths[r] - 1 - a for r in rows]]",
+        "picked = hidden[rows, [b - 1 - a for r in rows]]", GENERATION,
     ),
 ]
