@@ -19,6 +19,7 @@ from .errors import (
     ModelNotFoundError,
     TokenizerError,
     UnsupportedModelError,
+    UnsupportedTaskError,
 )
 
 __version__ = "0.1.0"
@@ -34,11 +35,15 @@ __all__ = [
     "CheckpointError",
     "TokenizerError",
     "InvalidArgumentError",
+    "UnsupportedTaskError",
+    "Encoder",
+    "load_encoder",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .encoder import Encoder, load_encoder
     from .lm import LanguageModel, load
 
 
@@ -47,6 +52,10 @@ def __getattr__(name: str) -> Any:
         from . import lm
 
         return getattr(lm, name)
+    if name in ("Encoder", "load_encoder"):
+        from . import encoder
+
+        return getattr(encoder, name)
     if name == "ModelConfig":
         from .config import ModelConfig
 
