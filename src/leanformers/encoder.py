@@ -80,7 +80,8 @@ class Encoder:
         self.max_seq_length = max_seq_length
         self.prompts: dict[str, str] = dict(layout.prompts)
         self.default_prompt_name = layout.default_prompt_name
-        self.source = source
+        self.source = source  # the directory
+        self.reference = source  # what the user passed to leanformers.load (set by it), for messages
         self.architecture = architecture or type(model).__name__
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
         # A private copy of the tokenizer that truncates to max_seq_length, as sentence-transformers calls it.
@@ -156,7 +157,7 @@ class Encoder:
         """
         if self.task != "sequence_classification":
             raise UnsupportedTaskError(
-                f"{self.source} is a {self.architecture} without a sequence classification head: it can "
+                f"{self.reference} is a {self.architecture} without a sequence classification head: it can "
                 f"{self._abilities()}; classify() needs a *ForSequenceClassification checkpoint")
         items, _ = _check_texts(texts)
         _check_batch_size(batch_size)
@@ -249,13 +250,13 @@ class Encoder:
 
             d = self.__dict__
             raise UnsupportedTaskError(
-                f"{d.get('source', 'this model')} is an encoder ({d.get('architecture', '?')}): it can "
+                f"{d.get('reference', 'this model')} is an encoder ({d.get('architecture', '?')}): it can "
                 f"{self._abilities()}, not {name}(); text generation needs a decoder (a causal language "
                 f"model such as {DEFAULT_MODEL})")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        return (f"Encoder({self.source!r}, {self.architecture}, dim={self.dimension}, "
+        return (f"Encoder({self.reference!r}, {self.architecture}, dim={self.dimension}, "
                 f"pooling={'+'.join(self.pooling.modes)}, normalize={self.normalize}, {self.dtype}, {self.device})")
 
 
@@ -328,6 +329,27 @@ def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = Non
     task = family.ARCHITECTURES[arch][1]
     return Encoder(model, tokenizer, config, task=task, layout=layout, max_seq_length=max_len, source=str(root),
                    architecture=arch)
+
+
+def load_encoder_reference(reference: Any, *, dtype: Any = None, device: Any = "cpu", revision: str | None = None,
+                           offline: bool | None = None, progress: bool | None = None, quantize: Any = None,
+                           compile: bool = False, huge_pages: Any = None) -> Encoder | None:
+    """leanformers.load()'s encoder branch: an Encoder when `reference` resolves to an encoder directory, else None.
+
+    The decoder-only options (quantize, compile, huge_pages) are refused for encoders.
+    """
+    from .hub import resolve
+
+    resolved = resolve(reference, revision=revision, offline=offline, progress=progress)
+    if resolved.kind != "dir" or not is_encoder_dir(resolved.path):
+        return None
+    given = [name for name, value in (("quantize", quantize), ("compile", compile), ("huge_pages", huge_pages))
+             if value not in (None, False)]
+    if given:
+        raise InvalidArgumentError(f"{', '.join(given)} only apply to decoders; {resolved.reference!r} is an encoder")
+    encoder = load_encoder(resolved.path, dtype=dtype, device=device)
+    encoder.reference = resolved.reference
+    return encoder
 
 
 def _architecture(family: ModuleType, config: Any, layout: SentenceLayout, config_file: Path) -> str:
