@@ -27,6 +27,8 @@ from .encoder_common import (
     EncoderConfigBase,
     Layout,
     activation,
+    fused_linear,
+    use_fused,
     attention,
     check_activation,
     check_eps,
@@ -130,7 +132,7 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         if self.qkv is not None:
-            qkv = self.qkv(x)
+            qkv = fused_linear(x, self.qkv)
         else:
             qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         return attention(qkv, layout, self.n_heads, self.dropout_p if self.training else 0.0)
@@ -144,6 +146,8 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if use_fused(x, self.dense):  # inference: matmul + bias + residual in one call (dropout is off)
+            return self.LayerNorm(fused_linear(x, self.dense, residual=residual))
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
@@ -158,10 +162,10 @@ class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
+        self.act_name = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        return fused_linear(x, self.dense, act=self.act_name)
 
 
 class BertLayer(nn.Module):
@@ -265,6 +269,7 @@ def fuse_qkv(module: nn.Module, names: tuple[str, str, str], fused: str) -> None
     b = torch.cat([m.bias for m in linears], dim=0)
     lin = nn.Linear(w.shape[1], w.shape[0], device="meta")
     lin.weight, lin.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+    lin.train(module.training)
     setattr(module, fused, lin)
     for n in names:
         delattr(module, n)

@@ -35,7 +35,9 @@ from .encoder_common import (
     check_int,
     check_prob,
     config_from_dict as _from_dict,
+    fused_linear,
     segment_positions,
+    use_fused,
 )
 
 BASE_PREFIX = "distilbert"
@@ -121,11 +123,13 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv_lin: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """out_lin(attention) + x (the residual, added in out_lin's epilogue on CPU inference)."""
         if self.qkv_lin is not None:
-            qkv = self.qkv_lin(x)
+            qkv = fused_linear(x, self.qkv_lin)
         else:
             qkv = torch.cat([self.q_lin(x), self.k_lin(x), self.v_lin(x)], dim=-1)
-        return self.out_lin(attention(qkv, layout, self.n_heads, self.dropout_p if self.training else 0.0))
+        out = attention(qkv, layout, self.n_heads, self.dropout_p if self.training else 0.0)
+        return fused_linear(out, self.out_lin, residual=x)
 
 
 class FFN(nn.Module):
@@ -133,11 +137,15 @@ class FFN(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.act = activation(config.activation)
+        self.act_name = config.activation
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.lin2(self.act(self.lin1(x))))
+        """lin2(act(lin1 x)) + x (activation and residual in the matmuls' epilogues on CPU inference)."""
+        h = fused_linear(x, self.lin1, act=self.act_name)
+        if use_fused(h, self.lin2):
+            return fused_linear(h, self.lin2, residual=x)
+        return self.dropout(self.lin2(h)) + x
 
 
 class TransformerBlock(nn.Module):
@@ -149,8 +157,8 @@ class TransformerBlock(nn.Module):
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=_EPS)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        x = self.sa_layer_norm(self.attention(x, layout) + x)
-        return self.output_layer_norm(self.ffn(x) + x)
+        x = self.sa_layer_norm(self.attention(x, layout))
+        return self.output_layer_norm(self.ffn(x))
 
 
 class Transformer(nn.Module):

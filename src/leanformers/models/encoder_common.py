@@ -39,7 +39,7 @@ ENCODER_FAMILIES = {
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Fraction of padded positions from which the layers run on the real tokens only (see Layout).
-UNPAD_MIN_FRACTION = 0.05
+UNPAD_MIN_FRACTION = 0.15
 
 
 # --------------------------------------------------------------------------------------------- activations
@@ -57,9 +57,51 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# the same activations as oneDNN post-ops: (attr, algorithm) of torch.ops.mkldnn._linear_pointwise
+_ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+                       "gelu_fast": ("gelu", "tanh"), "relu": ("relu", "")}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation function named by config.json's hidden_act / activation."""
     return ACTIVATIONS[name]
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_linear_available()
+
+
+def use_fused(x: torch.Tensor, module: nn.Module) -> bool:
+    """True for CPU inference (no autograd, eval mode) in float32/bfloat16, where oneDNN fuses epilogues."""
+    return (_ONEDNN and x.device.type == "cpu" and not module.training and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16) and type(module) is nn.Linear)
+
+
+def fused_linear(x: torch.Tensor, linear: nn.Linear, *, act: str | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(linear(x)) or linear(x) + residual as ONE oneDNN call (CPU inference; see use_fused).
+
+    Eager PyTorch runs the bias, the activation and the residual add as separate passes over the
+    output; an exact-erf GELU alone took as long as half of the matmul before it (bench/RESULTS.md,
+    "Embeddings"). oneDNN applies them in the matmul's epilogue. Elsewhere: the plain ops.
+    """
+    if not use_fused(x, linear):
+        y = linear(x)
+        if act is not None:
+            y = ACTIVATIONS[act](y)
+        return y if residual is None else y + residual
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if residual is not None:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(-1, residual.shape[-1]), linear.weight,
+                                                      linear.bias, "add")
+    else:
+        attr, algorithm = _ONEDNN_ACTIVATIONS[act] if act is not None else ("none", "")
+        y = torch.ops.mkldnn._linear_pointwise(x2, linear.weight, linear.bias, attr, [], algorithm)
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------- configs
