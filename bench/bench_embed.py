@@ -126,20 +126,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn in modes.items():  # warm-up: first calls allocate, load kernels, fill caches
         fn(texts[:args.batch_size])
-    ref = modes["st-fp32"](texts)
     rates: dict[str, list[float]] = {name: [] for name in modes}
-    cosine: dict[str, float] = {}
+    vectors: dict[str, torch.Tensor] = {}
     order = list(modes)
     for r in range(args.rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             start = time.perf_counter()
-            vectors = modes[name](texts)
+            out = modes[name](texts)
             elapsed = time.perf_counter() - start
             rates[name].append(len(texts) / elapsed)
-            cos = torch.nn.functional.cosine_similarity(vectors.float(), ref.float())
-            cosine[name] = max(cosine.get(name, 0.0), float((1 - cos).max()))
+            vectors.setdefault(name, out.float())
             print(f"  round {r + 1} {name:16s} {rates[name][-1]:7.1f} sentences/s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    ref = vectors["st-fp32"]
+    cosine = {name: float((1 - torch.nn.functional.cosine_similarity(v, ref)).max()) for name, v in vectors.items()}
 
     base = statistics.median(rates["st-fp32"])
     print(f"\n| mode | sentences/s (median) | min-max | vs st-fp32 | max 1 - cos vs st-fp32 |")

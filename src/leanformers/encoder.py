@@ -280,10 +280,13 @@ def is_encoder_dir(directory: str | Path) -> bool:
 
 
 def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> Encoder:
+                 device: str | torch.device = "cpu", fuse: bool = True) -> Encoder:
     """Load an encoder from a sentence-transformers or transformers directory.
 
     dtype: float32, bfloat16 or float16 (default: the checkpoint's; bfloat16 instead of float16 on CPU).
+    fuse: concatenate query/key/value into one linear per layer (faster inference). fuse=False keeps
+    transformers' parameter names throughout, as training, LoRA targeting and saving need; parameters
+    are loaded with requires_grad=False either way.
     A sentence-transformers directory loads its base model (as sentence-transformers does); a plain
     directory loads config.json's architecture (BertModel, *ForMaskedLM, *ForSequenceClassification,
     *ForTokenClassification of BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT).
@@ -318,7 +321,8 @@ def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = Non
     dtype_ = wanted or default_dtype(config.torch_dtype, device)
     load_weights(model, tensors, source=str(model_dir), dtype=dtype_, device=device,
                  base_prefix=family.BASE_PREFIX, ignored=family.ignored_weights(model))
-    model.fuse_projections()
+    if fuse:
+        model.fuse_projections()
     tokenizer = load_tokenizer_from_dir(model_dir)
     limit = config.max_tokens
     max_len = layout.max_seq_length or min(_model_max_length(model_dir) or limit, limit)
