@@ -11,9 +11,10 @@ max_seq_length, prompts; see sentence_layout.py) or as plain transformers encode
 *ForSequenceClassification, ...: mean pooling, as sentence-transformers does for them).
 
 How embed() is fast (bench/RESULTS.md, "Embeddings"): texts are tokenized in one `encode_batch`,
-sorted by token count and cut into batches of similar length; inside the model the linear layers,
-norms and MLP run on the real tokens only (models/encoder_common.Layout) and q/k/v come from one
-fused matmul; everything runs under torch.inference_mode.
+sorted by token count and cut into batches of similar length; on CPU the matmuls apply their bias,
+GELU and residual add in oneDNN epilogues (models/encoder_common.fused_linear), q/k/v come from one
+fused matmul, batches with much padding run their linear layers on the real tokens only
+(models/encoder_common.Layout); everything runs under torch.inference_mode.
 """
 
 from __future__ import annotations
