@@ -257,17 +257,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from .errors import InvalidArgumentError
     from .lm import load
 
     texts: list[str] = []
     for text in args.texts:
         texts += sys.stdin.read().splitlines() if text == "-" else [text]
     if not texts:
-        raise _usage("no texts to embed (stdin was empty)")
+        raise InvalidArgumentError("no texts to embed (stdin was empty)")
     if args.batch_size < 1:
-        raise _usage(f"--batch-size must be positive, got {args.batch_size}")
+        raise InvalidArgumentError(f"--batch-size must be positive, got {args.batch_size}")
     if args.format == "npy" and args.output is None and sys.stdout.isatty():
-        raise _usage("--format npy writes binary data: redirect stdout or pass --output FILE")
+        raise InvalidArgumentError("--format npy writes binary data: redirect stdout or pass --output FILE")
     model = load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
                  revision=args.revision, offline=True if args.offline else None)
     vectors = model.embed(texts, normalize=args.normalize, batch_size=args.batch_size,
@@ -289,7 +290,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             with open(args.output, "wb") as f:
                 f.write(data)
         except OSError as exc:
-            raise _usage(f"cannot write {args.output}: {exc.strerror}") from None
+            raise InvalidArgumentError(f"cannot write {args.output}: {exc.strerror}") from None
     return 0
 
 
