@@ -19,6 +19,7 @@ from .errors import (
     ModelNotFoundError,
     TokenizerError,
     UnsupportedModelError,
+    UnsupportedTaskError,
 )
 
 __version__ = "0.1.0"
@@ -36,18 +37,22 @@ __all__ = [
     "CheckpointError",
     "TokenizerError",
     "InvalidArgumentError",
+    "UnsupportedTaskError",
+    "Encoder",
+    "load_encoder",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .encoder import Encoder, load_encoder
     from .generation.config import GenerationConfig
     from .generation.run import GenerationResult
     from .lm import LanguageModel, load
 
 _LAZY = {
     "load": "lm", "LanguageModel": "lm", "ModelConfig": "config", "GenerationConfig": "generation.config",
-    "GenerationResult": "generation.run",
+    "GenerationResult": "generation.run", "Encoder": "encoder", "load_encoder": "encoder",
 }
 
 

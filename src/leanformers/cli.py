@@ -1,4 +1,4 @@
-"""The `leanformers` command line: generate, chat, info, perplexity, bench.
+"""The `leanformers` command line: generate, chat, info, perplexity, bench, embed.
 
 Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
 before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
@@ -16,6 +16,7 @@ from .errors import InvalidArgumentError, LeanformersError
 from .hub import DEFAULT_MODEL
 
 EXIT_ERROR = 1
+DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -105,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_args(pp)
     pp.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     pp.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default: 256)")
+
+    e = sub.add_parser("embed", help="sentence embeddings of texts",
+                       description="Embed each TEXT with an encoder model (e.g. all-minilm-l6-v2) and print "
+                                   "the vectors: JSON (a list of lists) or a .npy array [N, dim] float32.")
+    e.add_argument("texts", nargs="+", metavar="TEXT", help="a text to embed ('-' reads one text per line from stdin)")
+    e.add_argument("-m", "--model", default=DEFAULT_ENCODER,
+                   help=f"encoder model: alias, directory or org/name[@rev] (default: {DEFAULT_ENCODER})")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights/activations dtype (default: the checkpoint's)")
+    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    e.add_argument("--revision", default=None, help="branch, tag or commit for org/name references")
+    e.add_argument("--offline", action="store_true", help="never download; use local files and the HF cache only")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="unit-length vectors (default: as the model's directory says)")
+    e.add_argument("--format", choices=["json", "npy"], default="json", help="output format (default: json)")
+    e.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    e.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    e.add_argument("--prompt-name", default=None, help="one of the model's prompts (e.g. query)")
+    e.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's limit")
 
     b = sub.add_parser("bench", help="benchmark decode/prefill speed", add_help=False,
                        description="Benchmark (see `leanformers bench --help`).")
@@ -311,7 +331,50 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity}
+def cmd_embed(args: argparse.Namespace) -> int:
+    """`leanformers embed`: vectors of the texts as JSON or .npy (stdout or --output)."""
+    import json
+
+    import numpy as np
+
+    from .lm import load
+
+    texts: list[str] = []
+    for text in args.texts:
+        texts += sys.stdin.read().splitlines() if text == "-" else [text]
+    if not texts:
+        raise InvalidArgumentError("no texts to embed (stdin was empty)")
+    if args.batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.format == "npy" and args.output is None and sys.stdout.isatty():
+        raise InvalidArgumentError("--format npy writes binary data: redirect stdout or pass --output FILE")
+    model = load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                 revision=args.revision, offline=True if args.offline else None)
+    vectors = model.embed(texts, normalize=args.normalize, batch_size=args.batch_size,
+                          prompt_name=args.prompt_name, truncate=not args.no_truncate)
+    array = vectors.numpy().astype(np.float32)
+    if args.format == "json":
+        data = (json.dumps(array.tolist()) + "\n").encode()
+    else:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        data = buffer.getvalue()
+    if args.output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        try:
+            with open(args.output, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot write {args.output}: {exc.strerror}") from None
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
+            "embed": cmd_embed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

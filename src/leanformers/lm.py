@@ -215,6 +215,15 @@ class LanguageModel:
         self._self_drafts.clear()
         return self
 
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """Decoders do not embed: raises UnsupportedTaskError saying what this model can do."""
+        from .errors import UnsupportedTaskError
+
+        ref = self.source.reference if self.source else "this model"
+        raise UnsupportedTaskError(
+            f"{ref} is a decoder ({self.config.model_type}): it can generate(), stream() and chat(), not embed(); "
+            "sentence embeddings need an encoder (BERT, RoBERTa, XLM-R, DistilBERT), e.g. all-minilm-l6-v2")
+
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"
         return f"LanguageModel({ref!r}, {self.config.model_type}, {self.dtype}, {self.device})"
@@ -263,6 +272,9 @@ def load(
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
+    Encoder checkpoints (BERT, RoBERTa, XLM-R, DistilBERT; sentence-transformers directories) load as a
+    leanformers.encoder.Encoder (embed / similarity / classify) instead; see load_encoder.
+
     dtype: float32, bfloat16 or float16; default: the checkpoint's (bfloat16 instead of float16 on CPU,
     float32 for GGUF). progress: show progress bars (default: when stderr is a terminal).
     quantize: None, "int8" or "int4" (weight-only, see leanformers.quantize; group_size for int4).
@@ -272,6 +284,14 @@ def load(
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
     (leanformers.compile.memory). None (default): when compiling; True: now; False: never.
     """
+    # --- encoders (issue 15): BERT-family checkpoints load as a leanformers.encoder.Encoder ---------------
+    from .encoder import load_encoder_reference
+
+    encoder = load_encoder_reference(reference, dtype=dtype, device=device, revision=revision, offline=offline,
+                                     progress=progress, quantize=quantize, compile=compile, huge_pages=huge_pages)
+    if encoder is not None:
+        return encoder
+    # --- end of the encoder block -----------------------------------------------------------------------
     if progress is None:
         progress = sys.stderr.isatty()
     dev = parse_device(device)

@@ -273,6 +273,11 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
         backend = BackendTokenizer.from_file(str(tok_file))
     except Exception as exc:
         raise TokenizerError(f"{tok_file}: cannot parse tokenizer file: {exc}") from None
+    # tokenizer.json may switch on padding / truncation (e.g. sentence-transformers' MiniLM pads every
+    # text to 128 tokens); transformers turns them off for a plain call, and so do we: callers that
+    # want them (leanformers.encoder) set them on a copy.
+    backend.no_padding()
+    backend.no_truncation()
     cfg = _read_json(root / "tokenizer_config.json") or {}
     smap = _read_json(root / "special_tokens_map.json") or {}
     gen = _read_json(root / "generation_config.json") or {}
