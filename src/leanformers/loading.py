@@ -65,9 +65,9 @@ def read_checkpoint(resolved: ResolvedModel) -> tuple[ModelConfig, Mapping[str, 
     directory = resolved.path
     config = ModelConfig.from_json_file(directory / "config.json")
     tensors, files = _read_weights_dir(directory)
-    names = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    origin = getattr(tensors, "origin", files[0])  # the index, or the single weights file
     check_config_fits_tensors(config, tensors, config_source=str(directory / "config.json"),
-                              weights_source=f"the weights in {names}")
+                              weights_source=f"the tensors of {origin.name}")
     return config, tensors, files, None
 
 
@@ -118,9 +118,12 @@ def check_config_fits_tensors(config: ModelConfig, tensors: Mapping[str, Any], *
         "model.layers.0.self_attn.k_proj.weight": (c.num_key_value_heads * c.head_dim, c.hidden_size),
         "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
     }
+    if not c.tie_word_embeddings:
+        expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for name, shape in expected.items():
         if name not in tensors:
-            raise CheckpointError(f"{config_source}: {weights_source} lack tensor {name!r}")
+            tie = " (tie_word_embeddings is false)" if name == "lm_head.weight" else ""
+            raise CheckpointError(f"{config_source}: {weights_source} lack tensor {name!r}{tie}")
         have = tuple(tensors[name].shape)
         if have != shape:
             raise CheckpointError(
@@ -160,12 +163,13 @@ def build_model(
     ]
     if unexpected:
         raise CheckpointError(
-            f"{source}: {len(unexpected)} tensors do not belong to a {config.model_type} model "
+            f"{_file_of(tensors, unexpected[0], source)}: {len(unexpected)} tensors do not belong to a {config.model_type} model "
             f"with this config, e.g. {sorted(unexpected)[:4]}"
         )
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise CheckpointError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[:4]}")
+        where = getattr(tensors, "origin", None) or source
+        raise CheckpointError(f"{where}: {len(missing)} tensors are missing, e.g. {missing[:4]}")
     state: dict[str, torch.Tensor] = {}
     items = list(expected.items())
     bar = _progress(items, "Loading weights", progress)
@@ -174,7 +178,8 @@ def build_model(
         shape = tuple(value.shape)
         if shape != tuple(meta.shape):
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {list(shape)}, the model expects {list(meta.shape)}"
+                f"{_file_of(tensors, name, source)}: tensor {name!r} has shape {list(shape)}, "
+                f"the model expects {list(meta.shape)}"
             )
         if name in placeholders:
             t = torch.zeros((), dtype=dtype, device=device).expand(shape)
@@ -182,7 +187,8 @@ def build_model(
             t = value.dequantize(dtype)
         else:
             if not value.is_floating_point():
-                raise CheckpointError(f"{source}: tensor {name!r} has dtype {value.dtype}, expected a float type")
+                raise CheckpointError(f"{_file_of(tensors, name, source)}: tensor {name!r} has dtype {value.dtype}, "
+                                      "expected a float type")
             t = value if value.dtype == dtype else value.to(dtype)
         state[name] = t.to(device) if t.device != device else t
     model.load_state_dict(state, strict=False, assign=True)
@@ -193,6 +199,15 @@ def build_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _file_of(tensors: Mapping[str, Any], name: str, source: str) -> str:
+    """The file a tensor was read from, for error messages (GGUF tensors and checkpoint.Tensors know it)."""
+    value = tensors.get(name)
+    if isinstance(value, GGUFTensor) and value.source:
+        return value.source
+    files = getattr(tensors, "files", None)
+    return str(files[name]) if files and name in files else source
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:

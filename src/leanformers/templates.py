@@ -378,8 +378,10 @@ ENVIRONMENT = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                  extensions=[jinja2.ext.loopcontrols, _GenerationTag])
 
 
-def render(template: jinja2.Template, context: dict[str, Any], *, seconds: float = TIME_LIMIT) -> str:
-    """Render under the limits of the module docstring; budgets scale with the text size of `context`."""
+def render(template: jinja2.Template, context: dict[str, Any], *, seconds: float | None = None) -> str:
+    """Render under the limits of the module docstring (TIME_LIMIT seconds unless `seconds` is given);
+    budgets scale with the text size of `context`."""
+    seconds = TIME_LIMIT if seconds is None else seconds
     limits = _Limits(text_size(context), seconds)
 
     def trace(frame: Any, event: str, arg: Any) -> Any:

@@ -134,7 +134,7 @@ class Tokenizer:
             template = self.named_templates["tool_use"]
         if template is None:
             names = f" (named templates: {sorted(self.named_templates)})" if self.named_templates else ""
-            raise TokenizerError(f"{self.source}: the model has no chat template{names}")
+            raise TokenizerError(f"{self.template_source}: the model has no chat template{names}")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise InvalidArgumentError("tools must be a list of dicts (JSON schemas)")
         context = {name: tok for name, tok in (("bos_token", self.bos_token), ("eos_token", self.eos_token),

@@ -53,6 +53,20 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class Tensors(dict):
+    """name -> tensor of a checkpoint directory, remembering for error messages the file of each tensor
+    (`files`) and the file that decided which tensors there are (`origin`: the index or the single file)."""
+
+    def __init__(self, origin: Path) -> None:
+        super().__init__()
+        self.origin = origin
+        self.files: dict[str, Path] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        self.update(tensors)
+        self.files.update(dict.fromkeys(tensors, path))
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file as zero-copy views of a private memory map."""
     path = Path(path)
@@ -175,14 +189,14 @@ def shard_path(index: Path, directory: Path, shard: str) -> Path:
         raise CheckpointError(f"{index}: lists shard {shard!r}, which cannot be used: {exc}") from None
 
 
-def read_sharded(index: Path, directory: Path, read) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def read_sharded(index: Path, directory: Path, read) -> tuple[Tensors, list[Path]]:
     """Tensors of the shards an index lists; each tensor must be in the shard the index names, and no shard
     may hold tensors the index does not assign to it (the index and the shards must agree)."""
     weight_map = read_index(index, directory)
     by_shard: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(tensor)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = Tensors(index)
     files = []
     for shard in sorted(by_shard):
         path = shard_path(index, directory, shard)
@@ -195,7 +209,7 @@ def read_sharded(index: Path, directory: Path, read) -> tuple[dict[str, torch.Te
         if extra:
             raise CheckpointError(f"{path}: holds {len(extra)} tensors that {index.name} does not assign to it, "
                                   f"e.g. {extra[:3]}")
-        tensors.update(part)
+        tensors.add(part, path)
         files.append(path)
     return tensors, files
 
@@ -214,7 +228,8 @@ def read_safetensors_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor]
         tensors, files = read_sharded(index, directory, read_safetensors)
     else:
         files = [confined_file(directory, SINGLE_FILE, CheckpointError, "weights file")]
-        tensors = read_safetensors(files[0])
+        tensors = Tensors(files[0])
+        tensors.add(read_safetensors(files[0]), files[0])
     strays = ignored_files(directory, "*.safetensors", files)
     if strays:
         logger.warning("%s: ignoring %s: the model's weights are %s", directory, ", ".join(strays),

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import confined_file, file_size
-from .safetensors import ignored_files, read_sharded
+from .safetensors import Tensors, ignored_files, read_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def read_torch_bin_dir(directory: str | Path) -> tuple[dict[str, torch.Tensor], 
         tensors, files = read_sharded(index, directory, read_torch_bin)
     else:
         files = [confined_file(directory, SINGLE_FILE, CheckpointError, "weights file")]
-        tensors = read_torch_bin(files[0])
+        tensors = Tensors(files[0])
+        tensors.add(read_torch_bin(files[0]), files[0])
     strays = ignored_files(directory, "pytorch_model*.bin", files)
     if strays:
         logger.warning("%s: ignoring %s: not part of the model's weights", directory, ", ".join(strays))
