@@ -229,6 +229,7 @@ def _place(infos: list, alignment: int, data_start: int, file_size: int) -> list
     out: list[TensorInfo] = []
     names: set[str] = set()
     expected = 0  # where the next tensor must start, relative to the data section
+    after = "at the start of the data section"
     for name, dims, type_id, offset in infos:
         if name in names:
             raise _Bad(f"duplicate tensor name {name!r}")
@@ -243,14 +244,15 @@ def _place(infos: list, alignment: int, data_start: int, file_size: int) -> list
             numel *= d
         nbytes = numel // block * block_bytes
         if offset != expected:
-            raise _Bad(f"tensor {name!r} has offset {offset}, expected {expected} (each tensor must follow the "
-                       f"previous one, padded to the alignment of {alignment} bytes)")
+            raise _Bad(f"tensor {name!r} has offset {offset}, expected {expected} {after} (each tensor must "
+                       f"follow the previous one, padded to the alignment of {alignment} bytes)")
         end = data_start + offset + nbytes
         if end > file_size:
             raise _Bad(f"truncated GGUF file: tensor {name!r} ({qtype}, shape {list(reversed(dims))}) needs bytes "
                        f"{data_start + offset}..{end}, the file has {file_size}")
         out.append(TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes))
         expected = offset + -(-nbytes // alignment) * alignment
+        after = f"after tensor {name!r} ({qtype}, shape {list(reversed(dims))})"
     if out:
         last = out[-1]
         ends = (last.offset + last.nbytes, data_start + expected)
