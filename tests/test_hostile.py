@@ -498,6 +498,21 @@ def test_hostile_chat_templates_end_in_tokenizer_error(tiny_models, tmp_path, mo
     assert "chat_template.jinja" in str(info.value) and any(n in str(info.value) for n in needles), str(info.value)
 
 
+def test_template_size_and_compile_time_are_bounded(tiny_models, tmp_path, monkeypatch):
+    from leanformers import templates
+
+    d = shutil.copytree(tiny_models["smollm2"], tmp_path / "m")
+    tok = leanformers.load(str(d), progress=False).tokenizer
+    tok.template_source = "chat_template.jinja"
+    tok.chat_template = "x" * (templates.MAX_TEMPLATE_CHARS + 1)
+    with pytest.raises(TokenizerError, match="chat_template.jinja.*characters long"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    monkeypatch.setattr(templates, "TIME_LIMIT", 0.05)
+    tok.chat_template = "{{ 'a'|center(10) }}" * (templates.MAX_TEMPLATE_CHARS // 20)  # ~1 MB to parse
+    with pytest.raises(TokenizerError, match="compiling took more than"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_template_limits_scale_with_the_conversation(tiny_models):
     """A real template over a 4 MB conversation renders: limits grow with the input."""
     tok = leanformers.load(str(tiny_models["smollm2"]), progress=False).tokenizer

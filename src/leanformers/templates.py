@@ -29,6 +29,8 @@ import string
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from itertools import islice
 from typing import Any, Callable
@@ -58,7 +60,7 @@ class TemplateRaised(Exception):
 class _Limits:
     """The budget of one render: a deadline, a per-string size and a total of characters built."""
 
-    def __init__(self, input_chars: int, seconds: float = TIME_LIMIT):
+    def __init__(self, input_chars: int, seconds: float = TIME_LIMIT):  # the default: hooks outside a render
         self.deadline = time.monotonic() + seconds
         self.seconds = seconds
         self.max_chars = BASE_CHARS + 4 * input_chars
@@ -66,7 +68,7 @@ class _Limits:
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
-            raise TemplateLimitError(f"rendering took more than {self.seconds:g} s")
+            raise TemplateLimitError(f"the template took more than {self.seconds:g} s")
 
     def build(self, n: int, what: str) -> None:
         """Account for a value of `n` characters (or items) about to be built."""
@@ -333,6 +335,11 @@ def _raise_exception(message: Any) -> None:
     raise TemplateRaised(str(message)[:1000])
 
 
+@jinja2.pass_context
+def _finalize(context: Any, value: Any) -> Any:
+    return _as_text(value, "an expression's text")
+
+
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The immutable sandbox plus size checks on operators, concatenation, output, str methods and filters."""
 
@@ -340,7 +347,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"**", "*", "+", "%"})
 
     def __init__(self, **kwargs: Any):
-        super().__init__(finalize=lambda value: _as_text(value, "an expression's text"), **kwargs)
+        # optimized=False and a context-taking finalize: nothing is evaluated while compiling (jinja would
+        # fold constant expressions and filter calls into the compiled code, outside any render's limits)
+        super().__init__(finalize=_finalize, optimized=False, **kwargs)
         self.filters.update(_bounded_filters())
         self.globals.update(lipsum=_lipsum, raise_exception=_raise_exception,
                             strftime_now=lambda fmt: datetime.now().strftime(str(_as_text(fmt, "strftime_now"))))
@@ -378,21 +387,31 @@ ENVIRONMENT = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                  extensions=[jinja2.ext.loopcontrols, _GenerationTag])
 
 
-def render(template: jinja2.Template, context: dict[str, Any], *, seconds: float | None = None) -> str:
-    """Render under the limits of the module docstring (TIME_LIMIT seconds unless `seconds` is given);
-    budgets scale with the text size of `context`."""
-    seconds = TIME_LIMIT if seconds is None else seconds
-    limits = _Limits(text_size(context), seconds)
+@contextmanager
+def _bounded(limits: _Limits, doing: str) -> Iterator[None]:
+    """Run the body under `limits`: its deadline checked at every Python line (a trace function on this thread
+    only, the previous one restored afterwards) and the size checks of this module reading `limits`."""
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
         if time.monotonic() > limits.deadline:
-            raise TemplateLimitError(f"rendering took more than {seconds:g} s")
+            raise TemplateLimitError(f"{doing} took more than {limits.seconds:g} s")
         return trace
 
     previous_limits, previous_trace = getattr(_state, "limits", None), sys.gettrace()
     _state.limits = limits
     sys.settrace(trace)
     try:
+        yield
+    finally:
+        sys.settrace(previous_trace)
+        _state.limits = previous_limits
+
+
+def render(template: jinja2.Template, context: dict[str, Any], *, seconds: float | None = None) -> str:
+    """Render under the limits of the module docstring (TIME_LIMIT seconds unless `seconds` is given);
+    budgets scale with the text size of `context`."""
+    limits = _Limits(text_size(context), TIME_LIMIT if seconds is None else seconds)
+    with _bounded(limits, "rendering"):
         out: list[str] = []
         size = 0
         for piece in template.generate(**context):
@@ -401,13 +420,12 @@ def render(template: jinja2.Template, context: dict[str, Any], *, seconds: float
                 raise TemplateLimitError(f"the output exceeds {limits.max_chars} characters")
             out.append(piece)
         return "".join(out)
-    finally:
-        sys.settrace(previous_trace)
-        _state.limits = previous_limits
 
 
-def compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template (at most MAX_TEMPLATE_CHARS characters) in the bounded environment."""
+def compile_template(source: str, *, seconds: float | None = None) -> jinja2.Template:
+    """Compile a chat template (at most MAX_TEMPLATE_CHARS characters) in the bounded environment, under the
+    same time limit as a render (jinja's lexer and parser are Python; nothing is evaluated while compiling)."""
     if len(source) > MAX_TEMPLATE_CHARS:
         raise TemplateLimitError(f"the template is {len(source)} characters long (limit {MAX_TEMPLATE_CHARS})")
-    return ENVIRONMENT.from_string(source)
+    with _bounded(_Limits(0, TIME_LIMIT if seconds is None else seconds), "compiling"):
+        return ENVIRONMENT.from_string(source)
