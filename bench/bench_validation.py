@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import leanformers  # noqa: E402
 from conftest import save_tiny_model, smollm2_gguf_path  # noqa: E402
-from fuzz_utils import RawGGUF, gguf_value  # noqa: E402
+from fuzz_mutations import RawGGUF, gguf_value  # noqa: E402
 from leanformers.checkpoint import gguf as lf_gguf  # noqa: E402
 from leanformers.errors import LeanformersError  # noqa: E402
 

@@ -23,7 +23,7 @@ from leanformers.errors import CheckpointError, ConfigError, LeanformersError, M
 
 import fuzz_utils
 from conftest import smollm2_gguf_path
-from fuzz_utils import RawGGUF, gguf_value
+from fuzz_mutations import RawGGUF, gguf_value
 from gguf_utils import write_gguf_from_hf_dir
 
 
