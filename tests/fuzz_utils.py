@@ -83,7 +83,8 @@ class Corpus:
         self._next = 0
 
     def families(self) -> list[str]:
-        return ["gguf", "safetensors", "index", "config", "tokenizer", "template"] + (["smollm2"] if self.smollm2 else [])
+        families = ["gguf", "safetensors", "index", "config", "tokenizer", "template"]
+        return families + (["smollm2"] if self.smollm2 else [])
 
     def mutant(self, family: str, rng: random.Random) -> Mutant:
         """One fresh mutant of `family` on disk (under work/m<id>/)."""
@@ -422,8 +423,10 @@ def fuzz(corpus: Corpus, *, count: int, seed: int, runner: Runner, families: lis
         result.update(family=family, what=mutant.what)
         results.append(result)
         if log:
-            log(f"{mutant.id:4d} {family:11s} {result['outcome']:13s} {result.get('seconds', 0):6.2f}s  {mutant.what[:70]}"
-                + (f"  -> {result.get('error', '')}: {result.get('message', '')[:120]}" if result["outcome"] != "ok" else ""))
+            why = f"  -> {result.get('error', '')}: {result.get('message', '')[:120]}"
+            why = "" if result["outcome"] == "ok" else why
+            log(f"{mutant.id:4d} {family:11s} {result['outcome']:13s} {result.get('seconds', 0):6.2f}s  "
+                f"{mutant.what[:70]}{why}")
         if mutant.cleanup is not None:
             shutil.rmtree(mutant.cleanup, ignore_errors=True)
     return results

@@ -81,7 +81,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPE_FAMILY:
             raise UnsupportedModelError(
-                f"unknown model_type {self.model_type!r}; supported: {sorted(MODEL_TYPE_FAMILY)}"
+                f"unknown model_type {_short(self.model_type)}; supported: {sorted(MODEL_TYPE_FAMILY)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _check_int(name, getattr(self, name))
@@ -107,7 +107,8 @@ class ModelConfig:
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (only {SUPPORTED_ACTIVATIONS})")
+            raise UnsupportedModelError(
+                f"hidden_act {_short(self.hidden_act)} is not supported (only {SUPPORTED_ACTIVATIONS})")
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         if self.model_type == "qwen2":
             self.qkv_bias, self.o_bias = True, False
@@ -123,7 +124,8 @@ class ModelConfig:
                 raise UnsupportedModelError(f"unsupported layer_types {sorted(bad)}")
         if self.sliding_window is not None:
             if type(self.sliding_window) is not int:
-                raise ConfigError(f"config field 'sliding_window' must be an integer or null, got {self.sliding_window!r}")
+                raise ConfigError(
+                    f"config field 'sliding_window' must be an integer or null, got {_short(self.sliding_window)}")
             if self.sliding_window <= 0:
                 self.sliding_window = None
             else:
@@ -134,7 +136,8 @@ class ModelConfig:
             raise ConfigError(f"config field 'torch_dtype' must be a string, got {_short(self.torch_dtype)}")
         if self.architectures is not None and (
                 not isinstance(self.architectures, list) or not all(isinstance(a, str) for a in self.architectures)):
-            raise ConfigError(f"config field 'architectures' must be a list of strings, got {_short(self.architectures)}")
+            raise ConfigError(
+                f"config field 'architectures' must be a list of strings, got {_short(self.architectures)}")
 
     def _check_token_ids(self, name: str) -> None:
         """A token id field: null, an id in [0, vocab_size), or (bos/eos only) a list of such ids."""

@@ -60,7 +60,8 @@ def read_checkpoint(resolved: ResolvedModel) -> tuple[ModelConfig, Mapping[str, 
         gguf = GGUFFile(resolved.path)
         config = gguf.config()
         tensors = gguf.tensors(config)
-        check_config_fits_tensors(config, tensors, config_source=str(resolved.path), weights_source="the file's tensors")
+        check_config_fits_tensors(config, tensors, config_source=str(resolved.path),
+                                  weights_source="the file's tensors")
         return config, tensors, [resolved.path], gguf
     directory = resolved.path
     config = ModelConfig.from_json_file(directory / "config.json")
@@ -163,7 +164,8 @@ def build_model(
     ]
     if unexpected:
         raise CheckpointError(
-            f"{_file_of(tensors, unexpected[0], source)}: {len(unexpected)} tensors do not belong to a {config.model_type} model "
+            f"{_file_of(tensors, unexpected[0], source)}: {len(unexpected)} tensors do not belong to a "
+            f"{config.model_type} model "
             f"with this config, e.g. {sorted(unexpected)[:4]}"
         )
     missing = [k for k in expected if k not in tensors]

@@ -15,7 +15,12 @@ over long conversations render as before while hostile ones fail fast with Templ
   join, replace, format, translate) and split/list/slice/batch (item counts). A single string may not
   exceed `max_chars` = 1 Mi + 4 x the conversation's size; all strings built by these operations together
   may not exceed 32 x that; the output neither. `range()` is capped by the sandbox (100000 items) and
-  `lipsum` by small bounds.
+  `lipsum` by small bounds;
+- compiling: a template has at most MAX_TEMPLATE_CHARS characters and is compiled within the same time
+  limit, with jinja's constant folding turned off, so no expression is evaluated outside a render's limits.
+
+The trace function stands in for any debugger or coverage tracer of the thread while a template renders
+(the previous one is restored afterwards): template code is not traced by them.
 
 Failures surface as TemplateLimitError (or the template's own errors), which the tokenizer turns into a
 TokenizerError naming the template's file.

@@ -264,7 +264,8 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
                              + (" (tokenizer.model alone, sentencepiece, is not supported)" if spm else ""))
     size = file_size(tok_file, TokenizerError, "tokenizer file")
     if size > _MAX_TOKENIZER_BYTES:
-        raise TokenizerError(f"{tok_file}: {size} bytes, more than the {_MAX_TOKENIZER_BYTES} a tokenizer file may have")
+        raise TokenizerError(
+            f"{tok_file}: {size} bytes, more than the {_MAX_TOKENIZER_BYTES} a tokenizer file may have")
     try:
         backend = BackendTokenizer.from_file(str(tok_file))
     except BaseException as exc:  # the Rust parser reports bad JSON, types and nesting (depth 128)

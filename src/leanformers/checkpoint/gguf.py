@@ -258,8 +258,12 @@ def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: list[str], *, 
                 raise ConfigError(f"{source}: GGUF metadata lacks required key {name!r}")
             return default
         value = meta[name]
-        ok = (type(value) is int) if kind is int else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else isinstance(value, kind)
+        if kind is int:
+            ok = type(value) is int
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
         if not ok:
             raise ConfigError(f"{source}: GGUF metadata {name!r} must be {_KIND_NAMES[kind]}, got {_kind(value)}")
         return value

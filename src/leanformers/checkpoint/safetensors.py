@@ -176,8 +176,8 @@ def read_index(index: Path, directory: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: invalid shard index (expected an object with a non-empty 'weight_map')")
     for tensor, shard in weight_map.items():
         if not plain_file_name(shard):
-            raise CheckpointError(f"{index}: tensor {tensor!r} is listed in shard {_short(shard)}, which is not a plain "
-                                  f"file name inside the model directory {directory}")
+            raise CheckpointError(f"{index}: tensor {tensor!r} is listed in shard {_short(shard)}, which is not a "
+                                  f"plain file name inside the model directory {directory}")
     return weight_map
 
 
