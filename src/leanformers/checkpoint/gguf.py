@@ -6,9 +6,10 @@ Q4_1, Q4_K, Q5_K, Q6_K). llama.cpp stores the q/k projections of the `llama` arc
 permuted for its rotary layout; that permutation is undone here. Q4_0/Q4_1 blocks can also be handed
 out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
 
-Non-finite values: a dequantized tensor (and the scales/mins of raw Q4 blocks) is checked for NaN/inf
-as it is produced, one pass over memory that was just written, so a corrupt float16 scale or float
-weight fails with the tensor's name instead of loading a model that outputs NaN.
+Non-finite values: as a tensor is dequantized, what decides its finiteness is checked for NaN/inf: the
+float16 scales (and mins) of Q8_0/Q4_0/Q4_1 blocks (1/32 of the elements; the codes are small integers),
+the values of F32/F16/BF16 and K-quant tensors (one sum over memory just written). So a corrupt scale or
+float weight fails with the tensor's name instead of loading a model that outputs NaN.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -87,12 +88,11 @@ class GGUFTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize to a new torch tensor of `dtype` in HF layout."""
         try:
-            t = _dequantize(self.raw, self.qtype, self.shape)
+            t = _dequantize(self.raw, self.qtype, self.shape, self._check_finite)
             if self.permute_heads:
                 t = _unpermute_rows(t, self.permute_heads)
         except (ValueError, IndexError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{self.source}: tensor {self.name!r} ({self.qtype}) is corrupt: {exc}") from None
-        self._check_finite(t, "values")
         return t.to(dtype).contiguous()
 
     def _check_finite(self, t: torch.Tensor, what: str) -> None:
@@ -139,18 +139,15 @@ def _u8(raw: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
 
 
-def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...],
+                check: Callable[[torch.Tensor, str], None] = lambda t, what: None) -> torch.Tensor:
+    """float32 values of `raw`; `check(tensor, what)` sees what decides finiteness: the float16 scales (and
+    mins) of Q8_0/Q4_0/Q4_1 blocks, whose codes are small integers, else the values themselves."""
     n = int(np.prod(shape))
-    if qtype == "F32":
-        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float32).reshape(shape).copy())
-    if qtype == "F16":
-        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).reshape(shape).astype(np.float32))
-    if qtype == "BF16":
-        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).reshape(shape).copy())
-        return bits.view(torch.bfloat16).float()
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):
         blocks = _u8(raw).reshape(n // 32, -1)
         d = blocks[:, :2].contiguous().view(torch.float16).float()
+        check(d, "scales")
         out = torch.empty(n // 32, 32, dtype=torch.float32)
         if qtype == "Q8_0":
             out.copy_(blocks[:, 2:].view(torch.int8))
@@ -161,13 +158,23 @@ def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Te
         if qtype == "Q4_0":
             return out.sub_(8.0).mul_(d).reshape(shape)
         m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        check(m, "minimums")
         return out.mul_(d).add_(m).reshape(shape)
-    # K-quants: the gguf package's reference dequantizers
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+    if qtype == "F32":
+        t = torch.from_numpy(np.ascontiguousarray(raw).view(np.float32).reshape(shape).copy())
+    elif qtype == "F16":
+        t = torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).reshape(shape).astype(np.float32))
+    elif qtype == "BF16":
+        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).reshape(shape).copy())
+        t = bits.view(torch.bfloat16).float()
+    else:  # K-quants: the gguf package's reference dequantizers
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
 
-    out = dequantize(np.asarray(raw), GGMLQuantizationType[qtype])
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+        out = dequantize(np.asarray(raw), GGMLQuantizationType[qtype])
+        t = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+    check(t, "values")
+    return t
 
 
 class GGUFFile:
