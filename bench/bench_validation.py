@@ -101,7 +101,7 @@ def main() -> None:
         cases = {}
         for label, key, vtype, value in [("GGUF block_count=100000", "llama.block_count", 4, 100000),
                                          ("GGUF block_count=1000", "llama.block_count", 4, 1000),
-                                         ("GGUF rope.dimension_count=2**31", "llama.attention.key_length", 4, 2**31)]:
+                                         ("GGUF rope.dimension_count=2**31", "llama.rope.dimension_count", 4, 2**31)]:
             raw = RawGGUF.parse(g.read_bytes())
             raw.set_kv(key, vtype, gguf_value(vtype, value))
             path = work / f"{len(cases)}.gguf"

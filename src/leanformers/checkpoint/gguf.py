@@ -284,10 +284,14 @@ def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: list[str], *, 
             raise ConfigError(f"{source}: GGUF metadata gives no vocab size")
         vocab = len(tokens)
     head_dim = get("attention.key_length", int)
+    rope_dims = get("rope.dimension_count", int)
     if head_dim is None:
-        head_dim = get("rope.dimension_count", int)
+        head_dim = rope_dims
     if head_dim is None and n_head > 0 and hidden % n_head == 0:
         head_dim = hidden // n_head
+    if rope_dims is not None and rope_dims != head_dim:  # llama.cpp refuses these architectures' files likewise
+        raise ConfigError(f"{source}: GGUF metadata '{arch}.rope.dimension_count' is {rope_dims}, but the head "
+                          f"dimension is {head_dim} (partial rotary embeddings are not supported)")
     scaling = None
     scaling_type = get("rope.scaling.type", str)
     if scaling_type not in (None, "none"):
