@@ -185,6 +185,15 @@ PROMPTS = [
 ]
 
 
+def test_defaults_come_from_generation_config_or_the_fallback(tiny, lf_smollm2):
+    from leanformers.generation.config import FALLBACK, GenerationConfig
+
+    assert tiny.defaults == GenerationConfig()  # transformers' save_pretrained wrote a generation_config.json
+    assert lf_smollm2.defaults == FALLBACK and FALLBACK.repetition_penalty == 1.1  # a GGUF file has none
+    sampled = GenerationConfig.from_hf({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 64})
+    assert (sampled.temperature, sampled.top_k, sampled.top_p, sampled.max_new_tokens) == (0.6, 50, 0.9, 64)
+
+
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers(lf_smollm2, hf_smollm2):
     model, tok = hf_smollm2
@@ -194,10 +203,10 @@ def test_greedy_generation_matches_transformers(lf_smollm2, hf_smollm2):
             msgs = [{"role": "user", "content": prompt}]
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             ids = tok(text, add_special_tokens=False).input_ids
-            ours = lf_smollm2.chat(msgs, max_new_tokens=128, ignore_eos=True)
+            ours = lf_smollm2.chat(msgs, max_new_tokens=128, ignore_eos=True, repetition_penalty=None)
         else:
             ids = tok(prompt).input_ids
-            ours = lf_smollm2.generate(prompt, max_new_tokens=128, ignore_eos=True)
+            ours = lf_smollm2.generate(prompt, max_new_tokens=128, ignore_eos=True, repetition_penalty=None)
         x = torch.tensor([ids])
         with torch.no_grad():  # explicit mask: the chat prompt contains <|im_end|>, which is also the pad id
             ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128, do_sample=False,

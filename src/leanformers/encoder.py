@@ -19,7 +19,6 @@ fused matmul, batches with much padding run their linear layers on the real toke
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -38,10 +37,12 @@ from .errors import (
     CheckpointError,
     ConfigError,
     InvalidArgumentError,
+    LeanformersError,
     ModelNotFoundError,
     UnsupportedModelError,
     UnsupportedTaskError,
 )
+from .files import read_json
 from .models.encoder_common import ENCODER_FAMILIES, load_weights
 from .sentence_layout import Pooling, SentenceLayout, pooling_dimension_key, read_layout
 from .tokenizer import Tokenizer, load_tokenizer_from_dir
@@ -274,8 +275,8 @@ def is_encoder_dir(directory: str | Path) -> bool:
     directory = Path(directory)
     try:
         layout_dir = read_layout(directory).model_dir if (directory / "modules.json").is_file() else directory
-        data = json.loads((layout_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, ConfigError, UnsupportedModelError):
+        data = read_json(layout_dir / "config.json", ConfigError, "config")
+    except (OSError, ValueError, LeanformersError):
         return False
     return isinstance(data, dict) and encoder_family(data.get("model_type")) is not None
 
@@ -369,35 +370,26 @@ def _architecture(family: ModuleType, config: Any, layout: SentenceLayout, confi
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: config file not found")
+    data = read_json(path, ConfigError, "config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint.safetensors import read_safetensors_dir
-    from .checkpoint.torch_bin import read_torch_bin_dir
+    """The checkpoint's tensors, chosen as for decoders (index or the conventional file, never a glob)."""
+    from .loading import read_weights_dir
 
-    if any(directory.glob("*.safetensors")):
-        return read_safetensors_dir(directory)[0]
-    if any(directory.glob("pytorch_model*.bin")):
-        return read_torch_bin_dir(directory)[0]
-    raise CheckpointError(f"{directory}: no weights found (looked for *.safetensors and pytorch_model*.bin)")
+    return dict(read_weights_dir(directory)[0])
 
 
 def _model_max_length(directory: Path) -> int | None:
     """tokenizer_config.json's model_max_length, when it is a real limit (not transformers' 1e30 sentinel)."""
     try:
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_json(directory / "tokenizer_config.json", ConfigError, "tokenizer config")
+    except (OSError, ValueError, LeanformersError):
         return None
     value = cfg.get("model_max_length") if isinstance(cfg, dict) else None
     return value if isinstance(value, int) and 0 < value < 10**9 else None

@@ -12,7 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-from .generation.config import DRAFT_NAMES, GenerationConfig
+from .generation.config import DRAFT_NAMES, FALLBACK, GenerationConfig
 from .generation.decode import DecodeStep
 from .generation.run import GenerationResult, GenerationRun
 from .hub import ResolvedModel, resolve
@@ -34,7 +34,7 @@ class LanguageModel:
     """A loaded causal LM: `.model` (a DecoderModel), `.tokenizer`, `.config`, `.step` (how it decodes).
 
     `.defaults` is the GenerationConfig generate() starts from: the model's generation_config.json where
-    it has one, else GenerationConfig()'s defaults (greedy, 256 new tokens).
+    it has one, else generation.config.FALLBACK (greedy, 256 new tokens, repetition penalty 1.1).
     """
 
     def __init__(self, model: DecoderModel, tokenizer: Tokenizer, config: ModelConfig, *,
@@ -46,7 +46,7 @@ class LanguageModel:
         self.source = source
         self.files = files or []
         self.generation_config = generation_config or {}
-        self.defaults = GenerationConfig.from_hf(self.generation_config)
+        self.defaults = GenerationConfig.from_hf(self.generation_config) if self.generation_config else FALLBACK
         self.step: DecodeStep = DecodeStep(model)  # compile() hands in a compiled step
         self.huge_pages: bool | None = None  # CPU weights into huge pages: at compile() (None), at load (True), never
         self._self_drafts: dict[str, DecodeStep] = {}  # "int4"/"int8" -> the quantized copy's step, built once

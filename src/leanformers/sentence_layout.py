@@ -13,7 +13,6 @@ mean_sqrt_len_tokens, weightedmean, lasttoken. Means are accumulated in float32.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, UnsupportedModelError
+from .files import read_json
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # the old boolean keys, in the order sentence-transformers concatenates their outputs
@@ -188,11 +188,6 @@ def _read_prompts(layout: SentenceLayout, path: Path) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    return read_json(path, ConfigError, "sentence-transformers file")
