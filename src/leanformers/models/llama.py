@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..generation.kv_cache import KVCache
@@ -189,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.windows = sorted({layer.window for layer in self.model.layers}, key=lambda w: (w is not None, w or 0))
+        # [finetune] contract flag: recompute each layer in backward instead of keeping its activations
+        self.gradient_checkpointing = False
 
     # -------------------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
@@ -216,7 +219,30 @@ class LlamaForCausalLM(nn.Module):
         cache / cache_position (T,): write this chunk's K/V into cache slots `cache_position` and attend
         over all slots up to them. position_ids (B, T): rotary positions (default: the slots).
         attention_mask (B, S): 1 for real tokens, 0 for padding, over cache slots (or the T tokens).
+        Without a cache, equal positive values mark one sequence of a packed row (segment ids).
         """
+        x = self.hidden_states(input_ids, cache=cache, cache_position=cache_position, position_ids=position_ids,
+                               attention_mask=attention_mask)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.logits(x)
+
+    # [finetune] contract split: forward = logits(hidden_states(...)), so training can compute a chunked
+    # cross-entropy without materializing full-vocabulary logits for every position
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: (B, T, hidden) after the final norm -> (B, T, vocab)."""
+        return linear(self.lm_head, hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T, hidden) after the final norm; arguments as in forward()."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -239,11 +265,13 @@ class LlamaForCausalLM(nn.Module):
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # (B, T, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, head_dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()  # [finetune]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, masks[layer.window], cache, slots, kv_len)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return linear(self.lm_head, self.model.norm(x))
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, masks[layer.window], cache, slots, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[layer.window], cache, slots, kv_len)
+        return self.model.norm(x)
 
     @staticmethod
     def _mask(slots, n_keys, window, attention_mask, B, T, cached):
@@ -256,7 +284,11 @@ class LlamaForCausalLM(nn.Module):
         if window is not None:
             allowed = allowed & (key > q - window)
         allowed = allowed.unsqueeze(0)  # (1, T, S)
-        if attention_mask is not None:
+        if attention_mask is not None and not cached:  # [finetune] segment ids: packed rows, padding = 0
+            keys = attention_mask[:, None, :n_keys]  # (B, 1, S)
+            allowed = allowed & (keys == attention_mask[:, :, None]) & (keys != 0)  # (B, T, S)
+            allowed = allowed | (key == q)  # padding queries attend to themselves: finite, ignored
+        elif attention_mask is not None:
             allowed = allowed & attention_mask[:, None, :n_keys].bool()
             allowed = allowed | (key == q)  # padding queries attend to themselves: finite, ignored
         return allowed.unsqueeze(1)
