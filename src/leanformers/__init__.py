@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "finetune",
     "LanguageModel",
     "ModelConfig",
     "LeanformersError",
@@ -40,6 +41,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .lm import LanguageModel, load
+    from .train import finetune
 
 
 def __getattr__(name: str) -> Any:
@@ -47,6 +49,10 @@ def __getattr__(name: str) -> Any:
         from . import lm
 
         return getattr(lm, name)
+    if name == "finetune":  # [finetune]
+        from .train import finetune
+
+        return finetune
     if name == "ModelConfig":
         from .config import ModelConfig
 

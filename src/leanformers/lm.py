@@ -204,6 +204,14 @@ class LanguageModel:
         self.decode_fn = self.cache_bucket = None  # quantize_model retired the compiled step, if any
         return self
 
+    def merge_adapter(self) -> "LanguageModel":
+        """Fold the LoRA adapter into the weights (W += alpha/r * B @ A) and drop it (leanformers.train.lora)."""
+        from .train.lora import merge_lora  # [finetune]
+
+        merge_lora(self.model)
+        self.decode_fn = self.cache_bucket = None  # a compiled step of the unmerged model is stale
+        return self
+
     def compile(self, *, cache_bucket: int | None = None, **opts: Any) -> "LanguageModel":
         """Compile the one-token decode step (torch.compile; cached on disk), see leanformers.generation.compile.
 
@@ -241,6 +249,7 @@ def load(
     group_size: int = 32,
     compile: bool = False,
     huge_pages: bool | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
@@ -253,7 +262,14 @@ def load(
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
     (leanformers.memory: compiled decoding ran 11-53% faster here; the copy costs 0.1-0.8 s per
     540 MB). None (default): when compiling (here or by a later compile()); True: now; False: never.
+    adapter: a LoRA adapter directory (PEFT format) applied on top of the base; a reference that IS an
+    adapter directory loads the base named by its adapter_config.json (base_model_name_or_path) with it.
     """
+    # [finetune] adapters: resolve an adapter directory to its base (leanformers.train.lora)
+    if adapter is None:
+        from .train.lora import adapter_base
+
+        reference, adapter = adapter_base(reference)
     if progress is None:
         progress = sys.stderr.isatty()
     device = torch.device(device)
@@ -297,6 +313,10 @@ def load(
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
         lm.quantization = quantize
+    if adapter is not None:  # [finetune] LoRA on top of the (possibly quantized) base, before any compile
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter)
     lm.huge_pages = huge_pages
     if huge_pages and device.type == "cpu":
         move_to_huge_pages(model)
