@@ -102,7 +102,7 @@ def save_tokenizer(tokenizer: Any, directory: Path, source_dir: Path | None, max
 
 def save_pretrained(model: nn.Module, config: Any, tokenizer: Any, directory: str | Path, *,
                     source_dir: Path | None = None, generation_config: dict[str, Any] | None = None,
-                    max_shard_size: int = DEFAULT_MAX_SHARD) -> Path:
+                    max_shard_size: int | None = None) -> Path:
     """A Hugging Face model directory of `model` (LoRA wrappers, if any, are read through to their base)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def save_pretrained(model: nn.Module, config: Any, tokenizer: Any, directory: st
         state.pop("lm_head.weight", None)
     dtype = next(iter(state.values())).dtype
     (directory / "config.json").write_text(json.dumps(config_dict(config, dtype), indent=2) + "\n")
-    save_weights(state, directory, max_shard_size)
+    save_weights(state, directory, max_shard_size or DEFAULT_MAX_SHARD)
     save_tokenizer(tokenizer, directory, source_dir, config.max_position_embeddings)
     gen = dict(generation_config or {})
     if not gen:

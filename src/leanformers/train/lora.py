@@ -200,7 +200,6 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r:
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
-        "library": "leanformers",
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
