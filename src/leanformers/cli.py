@@ -274,7 +274,7 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="refuse examples longer than --seq-len instead of truncating them")
     f.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"], default="auto",
-                   help="default: bf16-mixed on a GPU with bf16, else fp32")
+                   help="default: bf16-mixed on a GPU with bf16 and for qlora, else fp32")
     f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     f.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
     f.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")

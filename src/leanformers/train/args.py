@@ -49,7 +49,7 @@ class FinetuneArgs:
     seq_len: int = 1024
     packing: bool = False
     truncate: bool = True  # False: refuse examples longer than seq_len (--no-truncate)
-    precision: str = "auto"  # auto: bf16-mixed on a GPU with bf16, else fp32
+    precision: str = "auto"  # auto: bf16-mixed on a GPU with bf16 and for qlora, else fp32
     grad_checkpointing: bool = False
     save_every: int | None = 500
     save_total_limit: int | None = None
@@ -154,8 +154,8 @@ class FinetuneArgs:
 
     def resolved_precision(self, device_type: str, bf16_ok: bool) -> str:
         """The precision to run: 'auto' picks bf16-mixed on a GPU with bf16, else fp32; fp16-mixed needs CUDA."""
-        if self.precision == "auto":
-            return "bf16-mixed" if device_type == "cuda" and bf16_ok else "fp32"
+        if self.precision == "auto":  # QLoRA's base computes in bfloat16 anyway: its LoRA math follows
+            return "bf16-mixed" if bf16_ok and (device_type == "cuda" or self.method == "qlora") else "fp32"
         if self.precision == "fp16-mixed" and device_type != "cuda":
             raise InvalidArgumentError(
                 f"precision fp16-mixed (--precision fp16-mixed) needs a CUDA device (float16 autocast with a "

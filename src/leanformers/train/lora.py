@@ -91,7 +91,9 @@ class LoraLinear(nn.Module):
         else:
             out = self.base_layer(x)
         a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)  # under autocast the matmul casts (and keeps) one copy; no extra one here
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         return out + update.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
