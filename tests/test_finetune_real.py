@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import leanformers
 
@@ -15,8 +16,17 @@ FACTS = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """One thread: on a shared, oversubscribed CPU every 2-thread op waits for a second time slice (7x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_lora_teaches_smollm2_new_facts(smollm2_gguf, tmp_path):
+def test_lora_teaches_smollm2_new_facts(smollm2_gguf, tmp_path, one_thread):
     data = tmp_path / "facts.jsonl"
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                        {"role": "assistant", "content": a}]})
