@@ -36,15 +36,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HF_MODES = {"hf-lora-fp32": ("lora", "fp32"), "hf-lora-bf16": ("lora", "bf16"), "hf-full-fp32": ("full", "fp32"),
             "hf-full-bf16": ("full", "bf16")}
+# leanformers modes: (method, precision, packing); a "-ckpt" suffix adds gradient checkpointing
 LF_MODES = {"lf-lora-fp32": ("lora", "fp32", True), "lf-lora-fp32-padded": ("lora", "fp32", False),
-            "lf-lora-bf16": ("lora", "bf16-mixed", True), "lf-full-fp32": ("full", "fp32", True),
-            "lf-full-bf16": ("full", "bf16-mixed", True), "lf-full-bf16-padded": ("full", "bf16-mixed", False),
-            "lf-qlora-int4": ("qlora", "bf16-mixed", True)}
-DEFAULT_MODES = ["lf-lora-fp32", "hf-lora-fp32", "lf-lora-bf16", "hf-lora-bf16", "lf-full-fp32", "hf-full-fp32",
-                 "lf-full-bf16", "hf-full-bf16", "lf-qlora-int4", "lf-lora-fp32-padded", "lf-full-bf16-padded"]
-PEER = {"lf-lora-fp32": "hf-lora-fp32", "lf-lora-fp32-padded": "hf-lora-fp32", "lf-lora-bf16": "hf-lora-bf16",
-        "lf-full-fp32": "hf-full-fp32", "lf-full-bf16": "hf-full-bf16", "lf-full-bf16-padded": "hf-full-bf16",
-        "lf-qlora-int4": "hf-lora-bf16"}
+            "lf-lora-bf16": ("lora", "bf16-mixed", True), "lf-lora-bf16-padded": ("lora", "bf16-mixed", False),
+            "lf-full-fp32": ("full", "fp32", True), "lf-full-bf16": ("full", "bf16-mixed", True),
+            "lf-full-bf16-padded": ("full", "bf16-mixed", False), "lf-qlora-int4": ("qlora", "bf16-mixed", True)}
+LF_MODES.update({f"{k}-ckpt": v for k, v in list(LF_MODES.items())})
+DEFAULT_MODES = ["lf-lora-bf16", "hf-lora-bf16", "lf-lora-fp32", "hf-lora-fp32", "lf-full-bf16", "hf-full-bf16",
+                 "lf-full-fp32", "hf-full-fp32", "lf-qlora-int4", "lf-qlora-int4-ckpt", "lf-lora-bf16-padded"]
+PEER = {m: "hf-" + "-".join(m.split("-")[1:3]) for m in LF_MODES}
+PEER.update({m: "hf-lora-bf16" for m in LF_MODES if "qlora" in m})
 LR, R, ALPHA = 1e-4, 16, 32
 
 
@@ -156,7 +157,7 @@ def worker_lf(mode: str, model_dir: Path, gguf: Path, rows: list[list[int]], a: 
             p.requires_grad_(True)
     else:
         apply_lora(lm.model, r=R, alpha=ALPHA, target_modules="all-linear")
-    set_gradient_checkpointing(lm.model, a.grad_checkpointing)
+    set_gradient_checkpointing(lm.model, a.grad_checkpointing or mode.endswith("-ckpt"))
     n_steps = a.warmup + a.steps
     examples = [Example(r, r) for r in rows]
     packed = make_rows(examples, seq_len=a.seq_len, packing=packing, seed=0)
@@ -205,7 +206,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="processes per mode (interleaved)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-checkpointing", action="store_true", help="leanformers modes only")
@@ -269,10 +270,9 @@ def render(results: dict[str, list[dict]], a: argparse.Namespace, wall: float) -
         ratio = f"{med / peer[0]:.2f}x" if peer else ""
         rratio = f"{rss / peer[3]:.2f}x" if peer else ""
         lines.append(f"| {m} | {med:.0f} | {lo:.0f}-{hi:.0f} | {rss:.0f} | {ratio} | {rratio} |")
-    if "lf-qlora-int4" in summary and "lf-lora-bf16" in summary:
-        lines.append("")
-        lines.append(f"QLoRA int4 peak RSS / leanformers bf16-mixed LoRA: "
-                     f"{summary['lf-qlora-int4'][3] / summary['lf-lora-bf16'][3]:.2f}x")
+    for q in ("lf-qlora-int4", "lf-qlora-int4-ckpt"):
+        if q in summary and "lf-lora-bf16" in summary:
+            lines.append(f"\n{q} peak RSS / lf-lora-bf16 peak RSS: {summary[q][3] / summary['lf-lora-bf16'][3]:.2f}x")
     return "\n".join(lines) + "\n"
 
 

@@ -124,10 +124,12 @@ def test_order_is_deterministic_and_ranks_are_disjoint(tiny_lm, tmp_path):
     assert len(seen) == len(set(seen)) == 40
 
 
-def test_chunked_loss_equals_full_logits_loss(tiny_lm, tmp_path):
+@pytest.mark.parametrize("kind", ["llama3", "smollm2"])  # untied and tied (embedding = lm_head) heads
+def test_chunked_loss_equals_full_logits_loss(tiny_models, tmp_path, kind):
     """Chunked cross-entropy (loss and every gradient) equals the plain full-logits computation."""
     from leanformers.train import loss as loss_mod
 
+    tiny_lm = leanformers.load(str(tiny_models[kind]), dtype="float32")
     model = tiny_lm.model
     data = write_text_data(tmp_path / "d.jsonl", 6)
     ds = build_dataset(data, tiny_lm.tokenizer, seq_len=64, packing=True, batch_size=4, grad_accum=1, seed=0)
@@ -154,6 +156,20 @@ def test_chunked_loss_equals_full_logits_loss(tiny_lm, tmp_path):
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("method,precision", [("full", "bf16-mixed"), ("full", "bf16-true"), ("lora", "bf16-mixed"),
+                                              ("lora", "bf16-true")])
+def test_precisions_train(tiny_models, tmp_path, method, precision):
+    data = write_text_data(tmp_path / "d.jsonl", 16)
+    res = leanformers.finetune(str(tiny_models["llama3"]), data=str(data), output_dir=str(tmp_path / "out"),
+                               method=method, precision=precision, max_steps=6, batch_size=4, seq_len=48,
+                               lr=5e-3 if method == "lora" else 1e-3, save_every=None)
+    losses = [m["loss"] for m in metrics(res.output_dir)]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    if method == "full":
+        cfg = json.loads((res.output_dir / "config.json").read_text())
+        assert cfg["torch_dtype"] == ("bfloat16" if precision == "bf16-true" else "float32")
 
 
 # ------------------------------------------------------------------------------------------ memory savers
