@@ -185,6 +185,55 @@ def worker_lf(mode: str, model_dir: Path, gguf: Path, rows: list[list[int]], a: 
     return {"step_s": times[a.warmup :], "tokens": per_step[a.warmup :]}
 
 
+def alternate(a: argparse.Namespace, model_dir: Path, rounds: int = 3, batch: int = 2) -> str:
+    """LoRA bf16-mixed forward+backward of leanformers and transformers+peft on one identical batch of full
+    (unpadded) rows, alternating in one process: the loop's own speed, without packing, under the same
+    machine load for both (the shared CPU's load drifts between processes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import leanformers
+    from leanformers.train.lora import apply_lora
+    from leanformers.train.loss import causal_lm_loss
+
+    torch.set_num_threads(a.threads)
+    ids = torch.randint(0, 49152, (batch, a.seq_len), generator=torch.Generator().manual_seed(0))
+    lm = leanformers.load(str(model_dir), dtype="bfloat16")
+    apply_lora(lm.model, r=R, alpha=ALPHA)
+    lm.model.train()
+    hf = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+                        LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"))
+    hf.train()
+    b = {"input_ids": ids, "labels": ids, "segments": torch.ones_like(ids),
+         "positions": torch.arange(a.seq_len).expand(batch, a.seq_len)}
+
+    def lf_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, n = causal_lm_loss(lm.model, b)
+        (s / n).backward()
+
+    def hf_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = hf(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids)).loss
+        loss.backward()
+
+    times: dict[str, list[float]] = {"leanformers": [], "transformers+peft": []}
+    for r in range(rounds + 1):
+        for name, fn in (("leanformers", lf_step), ("transformers+peft", hf_step)):
+            t = time.perf_counter()
+            fn()
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - t)
+    lf, hf_ = statistics.median(times["leanformers"]), statistics.median(times["transformers+peft"])
+    return (f"Alternating in one process, LoRA bf16-mixed forward+backward, {batch} full rows of {a.seq_len} tokens, "
+            f"{a.threads} thread(s), median of {rounds}:\n\n| library | s per step | tokens/s | runs |\n|---|---:|---:|---|\n"
+            + "".join(f"| {k} | {statistics.median(v):.1f} | {batch * a.seq_len / statistics.median(v):.0f} | "
+                      f"{', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in times.items())
+            + f"\nleanformers / transformers tokens/s: {hf_ / lf:.2f}x\n")
+
+
 def run_worker(a: argparse.Namespace) -> None:
     import torch
 
@@ -212,6 +261,8 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="leanformers modes only")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lf-bench-finetune")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--alternate", action="store_true",
+                   help="instead: LoRA bf16 forward+backward of both libraries alternating in one process")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
@@ -225,6 +276,12 @@ def main() -> None:
     if bad:
         p.error(f"unknown modes {bad}; known: {sorted({**HF_MODES, **LF_MODES})}")
     model_dir, gguf, rows = prepare(a.work, a.seq_len, 4 * a.batch_size * (a.warmup + a.steps) + 64)
+    if a.alternate:
+        text = alternate(a, model_dir)
+        print(text)
+        if a.out:
+            a.out.write_text(text)
+        return
     results: dict[str, list[dict]] = {m: [] for m in modes}
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(a.threads))

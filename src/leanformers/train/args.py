@@ -59,7 +59,8 @@ class FinetuneArgs:
     overwrite: bool = False
     log: str = "none"
     device: str = "cpu"
-    progress: bool | None = None
+    progress: bool | None = None  # tqdm bar (default: when stderr is a terminal)
+    # called after every optimizer step with that step's metrics (the metrics.jsonl row), before any checkpoint
     callback: Callable[[dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------------------ validation

@@ -162,8 +162,8 @@ class TrainLoop:
             value = float(loss_sum.detach())
             if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
-                kept = self._last_ckpt or (checkpoint_dirs(self.output_dir)[-1][1] if checkpoint_dirs(self.output_dir)
-                                           else None)
+                saved = checkpoint_dirs(self.output_dir)
+                kept = self._last_ckpt or (saved[-1][1] if saved else None)
                 raise TrainingError(
                     f"the loss is {value} at step {self.step + 1} (epoch {epoch}); training stopped before that "
                     f"step's update. " + (f"The last good checkpoint is {kept}; resume from it with a lower --lr "

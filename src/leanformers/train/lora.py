@@ -93,8 +93,12 @@ class LoraLinear(nn.Module):
         a = self.lora_A.weight
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)  # under autocast the matmul casts (and keeps) one copy; no extra one here
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        return out + update.to(out.dtype)
+        h = self.lora_A(self.lora_dropout(x))  # (..., r)
+        if h.dtype == out.dtype:  # out + scaling * (h @ B.T) as one addmm: no separate scale and add passes
+            y = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.weight.t(),
+                            alpha=self.scaling)  # (autocast casts B like any matmul operand)
+            return y.view(out.shape)
+        return out + (self.lora_B(h) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A (out, in), float32."""
