@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..quantize import Int4Linear, Int8Linear, _int4_mm
+from ..quantize import Int4Linear, Int8Linear
+
+try:  # quantize.py on this branch; the quantize/ package (kernels.py) after the redesign
+    from ..quantize import _int4_mm
+except ImportError:  # pragma: no cover
+    from ..quantize.kernels import _int4_mm
 
 LINEAR_TYPES = (nn.Linear, Int8Linear, Int4Linear)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -173,10 +178,18 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: float = 32, dropout: flo
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(getattr(parent, child), r, alpha, dropout, dtype=dtype))
+        _replace(model, name, LoraLinear(model.get_submodule(name), r, alpha, dropout, dtype=dtype))
     return short
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Swap a submodule; through the model contract's replace_module where the model has it (so compiled
+    steps of the old structure know they are stale)."""
+    if hasattr(model, "replace_module"):
+        model.replace_module(name, module)
+        return
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -298,9 +311,7 @@ def merge_lora(model: nn.Module) -> int:
         w = base.weight
         merged = (w.float() + mod.delta_weight().to(w.device)).to(w.dtype)
         base.weight = nn.Parameter(merged, requires_grad=w.requires_grad)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, base)
+        _replace(model, name, base)
     return len(mods)
 
 
