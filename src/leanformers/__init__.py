@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "finetune",
     "LanguageModel",
     "GenerationConfig",
     "GenerationResult",
@@ -49,10 +50,11 @@ if TYPE_CHECKING:
     from .generation.config import GenerationConfig
     from .generation.run import GenerationResult
     from .lm import LanguageModel, load
+    from .train import finetune
 
 _LAZY = {
     "load": "lm", "LanguageModel": "lm", "ModelConfig": "config", "GenerationConfig": "generation.config",
-    "GenerationResult": "generation.run", "Encoder": "encoder", "load_encoder": "encoder",
+    "GenerationResult": "generation.run", "Encoder": "encoder", "load_encoder": "encoder", "finetune": "train",
 }
 
 

@@ -1,4 +1,4 @@
-"""The `leanformers` command line: generate, chat, info, perplexity, bench, embed.
+"""The `leanformers` command line: generate, chat, info, perplexity, embed, finetune, bench.
 
 Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
 before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
@@ -41,6 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> 
 
 
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: 32)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (cached on disk)")
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-name", default=None, help="one of the model's prompts (e.g. query)")
     e.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's limit")
 
+    _add_finetune_parser(sub)
+
     b = sub.add_parser("bench", help="benchmark decode/prefill speed", add_help=False,
                        description="Benchmark (see `leanformers bench --help`).")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -187,6 +190,8 @@ def _load(args: argparse.Namespace):
                                   revision=args.revision, offline=True if args.offline else None)
     if getattr(args, "quantize", None):
         kwargs.update(quantize=args.quantize, group_size=args.group_size)
+    if getattr(args, "adapter", None):  # a LoRA adapter directory on top of the model
+        kwargs["adapter"] = args.adapter
     lm = load(args.model, **kwargs)
     if getattr(args, "compile", False):
         # with --draft, the graph that verifies drafted tokens is built (or loaded) now as well
@@ -373,8 +378,72 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ finetune
+def _add_finetune_parser(sub: Any) -> None:
+    """`leanformers finetune`: every keyword of leanformers.finetune() as a flag (`lora_r` -> `--lora-r`)."""
+    f = sub.add_parser("finetune", help="fine-tune a model (full, LoRA, QLoRA)",
+                       description="Fine-tune MODEL on JSONL/JSON/.txt data; writes a PEFT adapter (LoRA/QLoRA) or "
+                                   "a Hugging Face model directory (full) to --output.")
+    f.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    f.add_argument("--data", required=True, help="training data: .jsonl/.json (messages, prompt/completion, "
+                                                 "instruction/output, text) or .txt")
+    f.add_argument("--eval-data", default=None, help="evaluation data, same formats")
+    f.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output directory")
+    f.add_argument("--method", choices=["full", "lora", "qlora"], default="lora", help="default: lora")
+    f.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
+    f.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default: 32)")
+    f.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0.0)")
+    f.add_argument("--target-modules", nargs="+", default=["all-linear"],
+                   help="module names (e.g. q_proj v_proj, or q_proj,v_proj) or all-linear (default)")
+    f.add_argument("--quantize", choices=["int8", "int4"], default=None, help="qlora base (default: int4)")
+    f.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 1)")
+    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default: 8)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--warmup-steps", type=int, default=0)
+    f.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    f.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
+    f.add_argument("--packing", action="store_true", help="pack short examples into full rows")
+    f.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="refuse examples longer than --seq-len instead of truncating them")
+    f.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"], default="auto",
+                   help="default: bf16-mixed on a GPU with bf16 and for qlora, else fp32")
+    f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
+    f.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
+    f.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue from the newest checkpoint in --output (or from DIR)")
+    f.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    f.add_argument("--log", choices=["none", "tensorboard"], default="none", help="also log to TensorBoard")
+    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _common(f)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import finetune
+
+    logging.getLogger("leanformers").setLevel(logging.INFO)  # a training run reports its progress
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "data", "output_dir", "verbose")}
+    tm = options["target_modules"]
+    options["target_modules"] = tm[0] if len(tm) == 1 and "," not in tm[0] else [
+        t for part in tm for t in part.split(",") if t]
+    if options["target_modules"] == ["all-linear"]:
+        options["target_modules"] = "all-linear"
+    result = finetune(args.model, data=args.data, output_dir=args.output_dir, **options)
+    what = "LoRA adapter" if result.method != "full" else "model"
+    evals = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
+    print(f"saved the {what} to {result.output_dir} ({result.steps} steps{loss}{evals})", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
-            "embed": cmd_embed}
+            "embed": cmd_embed, "finetune": cmd_finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

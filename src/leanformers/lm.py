@@ -194,6 +194,15 @@ class LanguageModel:
         self._self_drafts.clear()
         return self
 
+    def merge_adapter(self) -> "LanguageModel":
+        """Fold the LoRA adapter into the weights (W += alpha/r * B @ A) and drop it (leanformers.train.lora)."""
+        from .train.lora import merge_lora
+
+        merge_lora(self.model)
+        self.step = DecodeStep(self.model)  # a compiled step of the unmerged model is stale
+        self._self_drafts.clear()
+        return self
+
     def compile(self, *, cache_bucket: int | None = None, speculative: bool = False, **opts: Any) -> "LanguageModel":
         """Compile the one-token decode step (cached on disk), see leanformers.compile.compile_decode.
 
@@ -269,6 +278,7 @@ def load(
     group_size: int = 32,
     compile: bool = False,
     huge_pages: bool | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
 
@@ -283,7 +293,13 @@ def load(
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
     (leanformers.compile.memory). None (default): when compiling; True: now; False: never.
+    adapter: a LoRA adapter directory (PEFT format) applied on top of the base; a reference that IS an
+    adapter directory loads the base named by its adapter_config.json (base_model_name_or_path) with it.
     """
+    if adapter is None:  # an adapter directory given as the model: its base, with the adapter
+        from .train.lora import adapter_base
+
+        reference, adapter = adapter_base(reference)
     # --- encoders (issue 15): BERT-family checkpoints load as a leanformers.encoder.Encoder ---------------
     from .encoder import load_encoder_reference
 
@@ -325,6 +341,10 @@ def load(
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
+    if adapter is not None:  # LoRA on top of the (possibly quantized) base, before any compile
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter)
     lm.huge_pages = huge_pages
     if huge_pages and dev.type == "cpu":
         from .compile.memory import move_to_huge_pages
