@@ -1,7 +1,10 @@
 """ModelConfig: a dataclass whose fields are Hugging Face config.json keys.
 
-Built from a config.json dict (old `rope_theta`/`rope_scaling` keys and the newer `rope_parameters`)
-or from GGUF metadata. Anything we cannot honour raises instead of producing a silently wrong model.
+The config of the Llama family (models/llama.py), and the base that other decoder families extend with
+their own keys. Built from a config.json dict (old `rope_theta`/`rope_scaling` keys and the newer
+`rope_parameters`) or from GGUF metadata (the family's `config_from_gguf`). Anything we cannot honour
+raises instead of producing a silently wrong model. The validation helpers (`check_int`, `check_float`,
+`check_bool`, `short`) are shared by every family's config.
 """
 
 from __future__ import annotations
@@ -10,19 +13,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError, UnsupportedModelError
 from .files import read_json
-
-# model_type -> family module name in leanformers.models
-MODEL_TYPE_FAMILY = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "smollm": "llama",
-    "smollm2": "llama",
-}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -50,6 +44,8 @@ MAX_ROPE_THETA = 1e12
 @dataclass
 class ModelConfig:
     """Configuration of a Llama-family decoder, keyed like Hugging Face's config.json."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -79,9 +75,9 @@ class ModelConfig:
     o_bias: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPE_FAMILY:
+        if not isinstance(self.model_type, str) or self.model_type not in self.model_types:
             raise UnsupportedModelError(
-                f"unknown model_type {_short(self.model_type)}; supported: {sorted(MODEL_TYPE_FAMILY)}"
+                f"model_type {_short(self.model_type)} is not one of {type(self).__name__}'s: {list(self.model_types)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _check_int(name, getattr(self, name))
@@ -162,9 +158,9 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{source}: missing required keys {missing}")
         model_type = data["model_type"]
-        if not isinstance(model_type, str) or model_type not in MODEL_TYPE_FAMILY:
+        if not isinstance(model_type, str) or model_type not in cls.model_types:
             raise UnsupportedModelError(
-                f"{source}: unknown model_type {_short(model_type)}; supported: {sorted(MODEL_TYPE_FAMILY)}"
+                f"{source}: model_type {_short(model_type)} is not one of {cls.__name__}'s: {list(cls.model_types)}"
             )
         names = {f.name for f in dataclasses.fields(cls) if f.repr}
         kwargs = {k: v for k, v in data.items() if k in names}
@@ -305,3 +301,10 @@ def _short(value: Any) -> str:
     except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
         return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# the validation helpers, for the families' own configs
+check_int = _check_int
+check_float = _check_float
+short = _short
+rope_from_dict = _rope_from_dict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Container, Mapping
@@ -14,10 +13,9 @@ from torch import nn
 from .checkpoint.gguf import GGUFFile, GGUFTensor
 from .checkpoint.safetensors import read_safetensors_dir
 from .checkpoint.torch_bin import read_torch_bin_dir
-from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
 from .files import read_json
-from .models.registry import family_for
+from .models.registry import config_from_dict, family_for
 
 if TYPE_CHECKING:
     from .hub import ResolvedModel
@@ -50,7 +48,7 @@ def default_dtype(checkpoint_dtype: str | None, device: torch.device) -> torch.d
     return dtype
 
 
-def read_checkpoint(resolved: ResolvedModel) -> tuple[ModelConfig, Mapping[str, Any], list[Path], Any]:
+def read_checkpoint(resolved: ResolvedModel) -> tuple[Any, Mapping[str, Any], list[Path], Any]:
     """Config, tensors (torch tensors or lazy GGUF tensors) and files of a resolved model.
 
     The last item is the GGUFFile for GGUF models (tokenizer metadata lives there), else None.
@@ -64,7 +62,8 @@ def read_checkpoint(resolved: ResolvedModel) -> tuple[ModelConfig, Mapping[str, 
                                   weights_source="the file's tensors")
         return config, tensors, [resolved.path], gguf
     directory = resolved.path
-    config = ModelConfig.from_json_file(directory / "config.json")
+    config_file = directory / "config.json"
+    config = config_from_dict(read_json(config_file, ConfigError, "config file"), source=str(config_file))
     tensors, files = read_weights_dir(directory)
     origin = getattr(tensors, "origin", files[0])  # the index, or the single weights file
     check_config_fits_tensors(config, tensors, config_source=str(directory / "config.json"),
@@ -88,22 +87,20 @@ def read_weights_dir(directory: Path) -> tuple[Mapping[str, Any], list[Path]]:
     )
 
 
-_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.")
-
-
-def check_config_fits_tensors(config: ModelConfig, tensors: Mapping[str, Any], *, config_source: str,
+def check_config_fits_tensors(config: Any, tensors: Mapping[str, Any], *, config_source: str,
                               weights_source: str) -> None:
     """Refuse a config whose declared sizes the checkpoint does not have, before anything is built.
 
     Reads only names and shapes (headers), so it costs microseconds. Without it a hostile
     `num_hidden_layers: 1000000` (or GGUF block_count) builds a million layers on the meta device, minutes
     and gigabytes, before the missing tensors are noticed. Checked: the layers present are exactly
-    0..num_hidden_layers-1, and the embedding, attention and MLP shapes of layer 0 are those the config implies
+    0..num_hidden_layers-1 (the family's `layer_of`), and the shapes the family's `expected_shapes` names
     (so vocab, hidden, intermediate, head and head_dim sizes match the file). build_model then checks every
     tensor's shape.
     """
+    family = family_for(config)
     n = config.num_hidden_layers
-    layer_of = {name: int(m.group(1)) for name, m in ((k, _LAYER.match(k)) for k in tensors) if m}
+    layer_of = {name: i for name, i in ((k, family.layer_of(k)) for k in tensors) if i is not None}
     extra = sorted(name for name, i in layer_of.items() if i >= n)
     if extra:
         raise CheckpointError(f"{config_source}: num_hidden_layers is {n}, but {weights_source} hold tensors of "
@@ -112,18 +109,9 @@ def check_config_fits_tensors(config: ModelConfig, tensors: Mapping[str, Any], *
     if missing:
         raise CheckpointError(f"{config_source}: num_hidden_layers is {n}, but {weights_source} hold no tensors "
                               f"for {len(missing)} of these layers (e.g. layers {missing[:5]})")
-    c = config
-    expected = {
-        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-        "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size),
-        "model.layers.0.self_attn.k_proj.weight": (c.num_key_value_heads * c.head_dim, c.hidden_size),
-        "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-    }
-    if not c.tie_word_embeddings:
-        expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for name, shape in expected.items():
+    for name, shape in family.expected_shapes(config).items():
         if name not in tensors:
-            tie = " (tie_word_embeddings is false)" if name == "lm_head.weight" else ""
+            tie = " (tie_word_embeddings is false)" if name.endswith("lm_head.weight") else ""
             raise CheckpointError(f"{config_source}: {weights_source} lack tensor {name!r}{tie}")
         have = tuple(tensors[name].shape)
         if have != shape:
@@ -134,7 +122,7 @@ def check_config_fits_tensors(config: ModelConfig, tensors: Mapping[str, Any], *
 
 
 def build_model(
-    config: ModelConfig,
+    config: Any,
     tensors: Mapping[str, Any],
     *,
     dtype: torch.dtype,

@@ -2,9 +2,10 @@
 
 The header is parsed and validated by `gguf_header` (every count, length, type and offset checked
 against the file); tensors are memory-mapped and dequantized on demand (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q4_K, Q5_K, Q6_K). llama.cpp stores the q/k projections of the `llama` architecture with rows
-permuted for its rotary layout; that permutation is undone here. Q4_0/Q4_1 blocks can also be handed
-out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
+Q4_1, Q4_K, Q5_K, Q6_K). What the metadata and tensor names mean is the family's (models/registry.py:
+`config_from_gguf`, `gguf_tensor_name`, `gguf_unpermute_heads`); llama.cpp stores some architectures'
+q/k projections with rows permuted for its rotary layout, and that permutation is undone here. Q4_0/Q4_1
+blocks can also be handed out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
 
 Non-finite values: as a tensor is dequantized, what decides its finiteness is checked for NaN/inf: the
 float16 scales (and mins) of Q8_0/Q4_0/Q4_1 blocks (1/32 of the elements; the codes are small integers),
@@ -14,7 +15,6 @@ float weight fails with the tensor's name instead of loading a model that output
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,48 +23,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..files import file_size
+from ..models.registry import family_for_gguf
 from .gguf_header import parse_header
+from .gguf_meta import GGUFMetadata
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-
-# GGUF architecture -> HF model_type
-ARCH_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Map a GGUF tensor name to the HF parameter name; None for tensors we don't use."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
-
 
 def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation: rows (head, half, pair) -> (head, pair, half)."""
@@ -202,27 +167,30 @@ class GGUFFile:
         self.value_types = header.value_types
         self._infos = header.tensors
 
-    def config(self) -> ModelConfig:
-        """ModelConfig from the GGUF metadata."""
-        return config_from_gguf_metadata(self.metadata, self.tensor_names(), source=str(self.path))
+    def config(self) -> Any:
+        """The family's config from the GGUF metadata."""
+        meta = GGUFMetadata(self.metadata, source=str(self.path))
+        return family_for_gguf(meta.arch, str(self.path)).config_from_gguf(meta, self.tensor_names())
 
     def tensor_names(self) -> list[str]:
         return [info.name for info in self._infos]
 
-    def tensors(self, config: ModelConfig) -> dict[str, GGUFTensor]:
+    def tensors(self, config: Any) -> dict[str, GGUFTensor]:
         """All model tensors keyed by HF name (HF orientation: out_features first).
 
         The header already checked every tensor's byte range (gguf_header); here only the types we can
         dequantize are accepted.
         """
         arch = self.metadata.get("general.architecture")
+        family = family_for_gguf(arch, str(self.path))
         out: dict[str, GGUFTensor] = {}
         for info in self._infos:
             name, shape, qtype = info.name, info.shape, info.qtype
-            hf = hf_tensor_name(name)
+            try:
+                hf = family.gguf_tensor_name(name)
+            except UnsupportedModelError as exc:
+                raise UnsupportedModelError(f"{self.path}: {exc}") from None
             if hf is None:
-                if name == "rope_freqs.weight":
-                    raise UnsupportedModelError(f"{self.path}: GGUF rope_freqs tensors are not supported")
                 continue
             if qtype not in SUPPORTED_QTYPES:
                 raise CheckpointError(
@@ -232,97 +200,6 @@ class GGUFFile:
             raw = self._data[info.offset : info.offset + info.nbytes]
             if qtype not in ("F32", "F16", "BF16"):
                 raw = raw.reshape(shape[0] if len(shape) > 1 else 1, -1)
-            heads = None
-            if arch in ("llama", "mistral"):
-                if hf.endswith("q_proj.weight") or hf.endswith("q_proj.bias"):
-                    heads = config.num_attention_heads
-                elif hf.endswith("k_proj.weight") or hf.endswith("k_proj.bias"):
-                    heads = config.num_key_value_heads
+            heads = family.gguf_unpermute_heads(hf, config, arch)
             out[hf] = GGUFTensor(hf, qtype, shape, raw, heads, str(self.path))
         return out
-
-
-def config_from_gguf_metadata(meta: dict[str, Any], tensor_names: list[str], *, source: str) -> ModelConfig:
-    """Translate llama.cpp metadata keys into a ModelConfig.
-
-    Every value is type-checked here (an integer key must hold an integer, not a string, float or bool);
-    ranges are checked by ModelConfig, against the tensors by loading.check_config_fits_tensors.
-    """
-    arch = meta.get("general.architecture")
-    if arch is None:
-        raise ConfigError(f"{source}: GGUF metadata lacks 'general.architecture'")
-    if not isinstance(arch, str):
-        raise ConfigError(f"{source}: GGUF metadata 'general.architecture' must be a string, got {_kind(arch)}")
-    if arch not in ARCH_MODEL_TYPE:
-        raise UnsupportedModelError(
-            f"{source}: GGUF architecture {arch!r} is not supported (supported: {sorted(ARCH_MODEL_TYPE)})"
-        )
-
-    def get(key: str, kind: type, default: Any = None, *, required: bool = False, full: bool = False) -> Any:
-        name = key if full else f"{arch}.{key}"
-        if name not in meta:
-            if required:
-                raise ConfigError(f"{source}: GGUF metadata lacks required key {name!r}")
-            return default
-        value = meta[name]
-        if kind is int:
-            ok = type(value) is int
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kind)
-        if not ok:
-            raise ConfigError(f"{source}: GGUF metadata {name!r} must be {_KIND_NAMES[kind]}, got {_kind(value)}")
-        return value
-
-    n_head = get("attention.head_count", int, required=True)
-    hidden = get("embedding_length", int, required=True)
-    vocab = get("vocab_size", int)
-    if vocab is None:
-        tokens = get("tokenizer.ggml.tokens", list, full=True)
-        if tokens is None:
-            raise ConfigError(f"{source}: GGUF metadata gives no vocab size")
-        vocab = len(tokens)
-    head_dim = get("attention.key_length", int)
-    rope_dims = get("rope.dimension_count", int)
-    if head_dim is None:
-        head_dim = rope_dims
-    if head_dim is None and n_head > 0 and hidden % n_head == 0:
-        head_dim = hidden // n_head
-    if rope_dims is not None and rope_dims != head_dim:  # llama.cpp refuses these architectures' files likewise
-        raise ConfigError(f"{source}: GGUF metadata '{arch}.rope.dimension_count' is {rope_dims}, but the head "
-                          f"dimension is {head_dim} (partial rotary embeddings are not supported)")
-    scaling = None
-    scaling_type = get("rope.scaling.type", str)
-    if scaling_type not in (None, "none"):
-        scaling = {"rope_type": scaling_type, "factor": get("rope.scaling.factor", float)}
-    data: dict[str, Any] = {
-        "model_type": ARCH_MODEL_TYPE[arch],
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length", int, required=True),
-        "num_hidden_layers": get("block_count", int, required=True),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": get("attention.head_count_kv", int, n_head),
-        "head_dim": head_dim,
-        "max_position_embeddings": get("context_length", int, 2048),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float, 1e-5),
-        "rope_theta": get("rope.freq_base", float, 10000.0),
-        "rope_scaling": scaling,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": any(n.endswith("attn_output.bias") for n in tensor_names),
-        "sliding_window": get("attention.sliding_window", int),
-        "bos_token_id": get("tokenizer.ggml.bos_token_id", int, full=True),
-        "eos_token_id": get("tokenizer.ggml.eos_token_id", int, full=True),
-        "pad_token_id": get("tokenizer.ggml.padding_token_id", int, full=True),
-    }
-    return ModelConfig.from_dict(data, source=source)
-
-
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "an array"}
-
-
-def _kind(value: Any) -> str:
-    """How a metadata value reads in an error message: its type and a short repr."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
