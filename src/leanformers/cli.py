@@ -24,14 +24,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show the library's log (loading, quantizing, compiling)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False, default: str = DEFAULT_MODEL) -> None:
+    what = f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {default})"
     if positional:
-        p.add_argument("model", nargs="?", default=None,
-                       help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
+        p.add_argument("model", nargs="?", default=None, help=what)
         p.add_argument("-m", "--model", dest="model_option", default=None, help="same as the positional MODEL")
     else:
-        p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                       help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
+        p.add_argument("-m", "--model", default=default, help=what)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights/activations dtype (default: the checkpoint's; float32 for GGUF)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -112,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embed each TEXT with an encoder model (e.g. all-minilm-l6-v2) and print "
                                    "the vectors: JSON (a list of lists) or a .npy array [N, dim] float32.")
     e.add_argument("texts", nargs="+", metavar="TEXT", help="a text to embed ('-' reads one text per line from stdin)")
-    e.add_argument("-m", "--model", default=DEFAULT_ENCODER,
-                   help=f"encoder model: alias, directory or org/name[@rev] (default: {DEFAULT_ENCODER})")
-    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights/activations dtype (default: the checkpoint's)")
-    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    e.add_argument("--revision", default=None, help="branch, tag or commit for org/name references")
-    e.add_argument("--offline", action="store_true", help="never download; use local files and the HF cache only")
+    _add_model_args(e, default=DEFAULT_ENCODER)
     e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="unit-length vectors (default: as the model's directory says)")
     e.add_argument("--format", choices=["json", "npy"], default="json", help="output format (default: json)")
