@@ -397,9 +397,11 @@ def config_from_dict(data: dict[str, Any], source: str) -> GemmaConfig:
         text_of = "gemma3"
         outer = data
         data = {"model_type": "gemma3_text", **{k: v for k, v in text.items() if k != "model_type"}}
-        for key in ("torch_dtype", "dtype", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
             if key in outer and key not in data:
                 data[key] = outer[key]
+        # the head is tied (or not) by the outer model: transformers saves no lm_head when the outer key says so
+        data["tie_word_embeddings"] = outer.get("tie_word_embeddings", data.get("tie_word_embeddings", True))
     model_type = data.get("model_type")
     if model_type not in _DEFAULTS:
         raise UnsupportedModelError(f"{source}: model_type {short(model_type)} is not a Gemma 2/3 model")
