@@ -468,6 +468,20 @@ def test_prompt_lookup_proposals():
     assert d.propose([1, 2, 3], lambda n: 4, sampler, False) == ([], None, None)
 
 
+def test_prompt_lookup_indexes_ngrams_completed_by_new_tokens():
+    """The index grows with the text: an n-gram that began before the last call but was completed by the
+    tokens since is found (the run of 7s below: (7, 7) first exists, followed by a token, at the third call)."""
+    d = PromptLookupDrafter()
+    sampler = Sampler(SamplingParams())
+    seq = [5, 7, 7, 1, 9, 8, 7]
+    d.start(seq[:-1], 64)
+    assert d.propose(seq, lambda n: 1, sampler, False) == ([1], None, 1)  # (7,) last at 2, followed by 1
+    seq.append(7)  # (7, 7) at 1 -> 1; the (7, 7) at 6 has no following token yet
+    assert d.propose(seq, lambda n: 1, sampler, False) == ([1], None, 2)
+    seq.append(7)  # now the (7, 7) at 6, begun two calls ago, is followed by 7: the most recent match
+    assert d.propose(seq, lambda n: 1, sampler, False) == ([7], None, 2)
+
+
 # ------------------------------------------------------------------------------------- distribution
 # The statistical tests draw thousands of generations. To keep them fast the tiny random transformer is
 # wrapped in `MemoModel`: the same model contract (K/V written at slots, attention over slots up to the

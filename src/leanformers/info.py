@@ -54,8 +54,11 @@ def describe(reference: str | None, *, revision: str | None = None, offline: boo
         f"{_human(n_params * 2)} as bfloat16",
         f"KV cache:         {_human(kv_per_token)} per token in float32 "
         f"({_human(kv_per_token * config.max_position_embeddings)} for the full context)",
-        "files:",
     ]
+    describe_family = getattr(config, "describe", None)  # a family's own switches (layer pattern, ...)
+    if callable(describe_family):
+        lines[7:7] = describe_family()
+    lines.append("files:")
     for f in files:
         lines.append(f"  {Path(f).name:40s} {_human(Path(f).stat().st_size)}")
     return "\n".join(lines)

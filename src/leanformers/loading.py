@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .checkpoint.gguf import GGUFFile, GGUFTensor
-from .checkpoint.safetensors import read_safetensors_dir
+from .checkpoint.safetensors import Tensors, read_safetensors_dir
 from .checkpoint.torch_bin import read_torch_bin_dir
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
 from .files import read_json
@@ -65,10 +65,26 @@ def read_checkpoint(resolved: ResolvedModel) -> tuple[Any, Mapping[str, Any], li
     config_file = directory / "config.json"
     config = config_from_dict(read_json(config_file, ConfigError, "config file"), source=str(config_file))
     tensors, files = read_weights_dir(directory)
+    tensors = _family_names(tensors, config)
     origin = getattr(tensors, "origin", files[0])  # the index, or the single weights file
     check_config_fits_tensors(config, tensors, config_source=str(directory / "config.json"),
                               weights_source=f"the tensors of {origin.name}")
     return config, tensors, files, None
+
+
+def _family_names(tensors: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
+    """The checkpoint's tensors under the model's names, where the family renames some (a multimodal
+    checkpoint's text model) or leaves some out (its vision tower): its optional `checkpoint_tensor_name`."""
+    rename = getattr(family_for(config), "checkpoint_tensor_name", None)
+    if rename is None:
+        return tensors
+    out = Tensors(getattr(tensors, "origin", None))
+    files = getattr(tensors, "files", {})
+    for name, t in tensors.items():
+        new = rename(name, config)
+        if new is not None:
+            out.add({new: t}, files.get(name))
+    return out
 
 
 def read_weights_dir(directory: Path) -> tuple[Mapping[str, Any], list[Path]]:

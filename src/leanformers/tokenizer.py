@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from . import templates
@@ -56,6 +56,22 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("gpt-4o", "llama4"), (_GPT4O,)),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")  # GGUF architectures with a Gemma vocabulary (see _gemma_backend)
+# Gemma's turn format, for Gemma GGUF files that carry no chat template (base models): what llama.cpp's
+# built-in "gemma" template writes (system messages merged into the next user turn, contents trimmed,
+# `assistant` named `model`), after the BOS that Gemma's own templates start with.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% set content = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = ns.system + content | trim %}"
+    "{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if ns.system and role != 'model' %}{{ ns.system + '\n\n' }}{% set ns.system = '' %}{% endif %}"
+    "{{ content | trim }}{{ '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -406,10 +422,14 @@ def load_tokenizer_from_gguf(gguf_file: GGUFFile) -> Tokenizer:
 
     bos, eos, unk, pad = (token_of(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"))
     kind = meta.get("tokenizer.ggml.model")
+    gemma = kind == "llama" and meta.get("general.architecture") in _GEMMA_ARCHS
     try:
         if kind == "gpt2":
             backend = _byte_level_backend(tokens, types, _merges(meta, src), meta.get("tokenizer.ggml.pre"), src)
             add_bos_default = False
+        elif gemma:
+            backend = _gemma_backend(meta, _gemma_tokens(tokens), unk, src)
+            add_bos_default = True
         elif kind == "llama":
             backend = _sentencepiece_backend(meta, tokens, unk, src)
             add_bos_default = True
@@ -421,12 +441,23 @@ def load_tokenizer_from_gguf(gguf_file: GGUFFile) -> Tokenizer:
         raise TokenizerError(f"{src}: cannot build the {kind} tokenizer from GGUF metadata: {exc}") from None
     control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
     _add_specials(backend, [*control, bos, eos, unk, pad])
-    _add_specials(backend, [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED], special=False)
+    # (Gemma: the user-defined tokens the vocabulary holds as they are written; its "  " tokens are "▁▁" there)
+    vocab = backend.get_vocab() if gemma else None
+    _add_specials(backend, [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and (vocab is None or t in vocab)],
+                  special=False)
     _set_post_processor(backend, bos, eos, flag("add_bos_token", add_bos_default), flag("add_eos_token", False))
     prefix = "tokenizer.chat_template."
     named = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix) and isinstance(v, str)}
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                     chat_template=meta.get("tokenizer.chat_template"), named_templates=named, source=src)
+    template, extra_eos = meta.get("tokenizer.chat_template"), []
+    if gemma:
+        # Gemma ends a turn with <end_of_turn> (its generation_config lists it with <eos>; llama.cpp stops on it)
+        turn_tokens = [backend.token_to_id(t) for t in ("<start_of_turn>", "<end_of_turn>")]
+        if None not in turn_tokens:
+            extra_eos = turn_tokens[1:]
+            if template is None:
+                template = GEMMA_CHAT_TEMPLATE
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, extra_eos_ids=extra_eos,
+                     chat_template=template, named_templates=named, source=src)
 
 
 def _byte_level_backend(tokens: list[str], types: list[int], merges: list[tuple[str, str]] | None,
@@ -450,6 +481,26 @@ def _byte_level_backend(tokens: list[str], types: list[int], merges: list[tuple[
         [*(pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in splits),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _gemma_tokens(tokens: list[str]) -> list[str]:
+    """Gemma files store the tokens of 2+ spaces as spaces ("  "); the vocabulary spells them "▁▁"."""
+    return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+
+
+def _gemma_backend(meta: dict, tokens: list[str], unk: str | None, src: str) -> BackendTokenizer:
+    """Gemma's BPE with byte fallback: spaces become "▁" (no prefix space), and as the file lists no merges
+    they are derived from the vocabulary ranked by token ORDER (Gemma's scores do not follow its merge
+    order; transformers ranks them so too), then by longer left part."""
+    merges = _merges(meta, src)
+    if merges is None:
+        merges = _merges_from_scores(tokens, [-float(i) for i in range(len(tokens))])
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                          byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return backend
 
 

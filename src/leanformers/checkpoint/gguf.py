@@ -2,9 +2,10 @@
 
 The header is parsed and validated by `gguf_header` (every count, length, type and offset checked
 against the file); tensors are memory-mapped and dequantized on demand (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q4_K, Q5_K, Q6_K). What the metadata and tensor names mean is the family's (models/registry.py:
-`config_from_gguf`, `gguf_tensor_name`, `gguf_unpermute_heads`); llama.cpp stores some architectures'
-q/k projections with rows permuted for its rotary layout, and that permutation is undone here. Q4_0/Q4_1
+Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K). What the metadata and tensor names mean is the family's
+(models/registry.py: `config_from_gguf`, `gguf_tensor_name`, `gguf_unpermute_heads`, `gguf_value_shift`);
+llama.cpp stores some architectures' q/k projections with rows permuted for its rotary layout, and some
+tensors shifted (Gemma's norm weights + 1); both are undone here. Q4_0/Q4_1
 blocks can also be handed out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
 
 Non-finite values: as a tensor is dequantized, what decides its finiteness is checked for NaN/inf: the
@@ -29,7 +30,7 @@ from ..models.registry import family_for_gguf
 from .gguf_header import parse_header
 from .gguf_meta import GGUFMetadata
 
-SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation: rows (head, half, pair) -> (head, pair, half)."""
@@ -49,6 +50,7 @@ class GGUFTensor:
     raw: np.ndarray
     permute_heads: int | None = None  # undo llama.cpp's rotary permutation with this many heads
     source: str = ""
+    shift: float = 0.0  # what llama.cpp's converter added to every value (subtracted in float32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize to a new torch tensor of `dtype` in HF layout."""
@@ -56,6 +58,8 @@ class GGUFTensor:
             t = _dequantize(self.raw, self.qtype, self.shape, self._check_finite)
             if self.permute_heads:
                 t = _unpermute_rows(t, self.permute_heads)
+            if self.shift:
+                t = t - self.shift
         except (ValueError, IndexError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{self.source}: tensor {self.name!r} ({self.qtype}) is corrupt: {exc}") from None
         return t.to(dtype).contiguous()
@@ -107,9 +111,9 @@ def _u8(raw: np.ndarray) -> torch.Tensor:
 def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...],
                 check: Callable[[torch.Tensor, str], None] = lambda t, what: None) -> torch.Tensor:
     """float32 values of `raw`; `check(tensor, what)` sees what decides finiteness: the float16 scales (and
-    mins) of Q8_0/Q4_0/Q4_1 blocks, whose codes are small integers, else the values themselves."""
+    mins) of Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks, whose codes are small integers, else the values themselves."""
     n = int(np.prod(shape))
-    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+    if qtype in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         blocks = _u8(raw).reshape(n // 32, -1)
         d = blocks[:, :2].contiguous().view(torch.float16).float()
         check(d, "scales")
@@ -117,11 +121,20 @@ def _dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...],
         if qtype == "Q8_0":
             out.copy_(blocks[:, 2:].view(torch.int8))
             return out.mul_(d).reshape(shape)
-        qs = blocks[:, 2:] if qtype == "Q4_0" else blocks[:, 4:]
+        offset = 2 if qtype in ("Q4_0", "Q5_0") else 4  # Q4_1/Q5_1 store a float16 minimum after the scale
+        if qtype in ("Q5_0", "Q5_1"):
+            # 4 bytes of fifth bits (bit j of the little-endian word belongs to value j), then the nibbles
+            qh = blocks[:, offset:offset + 4]
+            high = ((qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1, 32) << 4
+            qs = blocks[:, offset + 4:]
+        else:
+            high, qs = None, blocks[:, offset:]
         out[:, :16].copy_(qs & 0x0F)
         out[:, 16:].copy_(qs >> 4)
-        if qtype == "Q4_0":
-            return out.sub_(8.0).mul_(d).reshape(shape)
+        if high is not None:
+            out.add_(high)
+        if qtype in ("Q4_0", "Q5_0"):
+            return out.sub_(8.0 if qtype == "Q4_0" else 16.0).mul_(d).reshape(shape)
         m = blocks[:, 2:4].contiguous().view(torch.float16).float()
         check(m, "minimums")
         return out.mul_(d).add_(m).reshape(shape)
@@ -201,5 +214,6 @@ class GGUFFile:
             if qtype not in ("F32", "F16", "BF16"):
                 raw = raw.reshape(shape[0] if len(shape) > 1 else 1, -1)
             heads = family.gguf_unpermute_heads(hf, config, arch)
-            out[hf] = GGUFTensor(hf, qtype, shape, raw, heads, str(self.path))
+            shift = family.gguf_value_shift(hf, config, arch) if hasattr(family, "gguf_value_shift") else 0.0
+            out[hf] = GGUFTensor(hf, qtype, shape, raw, heads, str(self.path), shift)
         return out

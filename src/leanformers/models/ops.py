@@ -72,19 +72,21 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of a few queries per row over S cached keys, as reductions (inside compiled CPU steps).
 
     q (B, H, T, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (GQA); mask (B or 1, 1, T, S) bool.
     Inductor fuses this into its own loops, where the SDPA op would be one external call per layer plus,
-    for bfloat16, float32 copies of K and V. Softmax in float32. Each query
-    is computed as it would be alone (masked keys add exact zeros), so T > 1 (speculative verification)
-    agrees with T one-query steps.
+    for bfloat16, float32 copies of K and V. Softmax in float32; softcap: tanh soft-capping of the scaled
+    scores (Gemma 2). Each query is computed as it would be alone (masked keys add exact zeros), so T > 1
+    (speculative verification) agrees with T one-query steps.
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     qf = q.float().reshape(B, Hkv, H // Hkv, T, 1, D) * (scale if scale is not None else 1.0 / math.sqrt(D))
     scores = (qf * k.float()[:, :, None, None]).sum(-1)  # (B, Hkv, rep, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask.reshape(mask.shape[0], 1, 1, T, S), scores, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     out = (p.unsqueeze(-1) * v.float()[:, :, None, None]).sum(-2)  # (B, Hkv, rep, T, D)
@@ -179,14 +181,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     mask (B or 1, 1, T, S) bool or None (causal). Inside a compiled CPU graph with few query rows this is
     `decode_attention` (Inductor fuses it); elsewhere torch's SDPA. softcap: tanh soft-capping of the
-    scores (Gemma 2), computed explicitly.
+    scaled scores (Gemma 2), which SDPA cannot do: computed explicitly (in the compiled step as well).
     """
     gqa = k.shape[1] != q.shape[1]
-    if softcap is not None:
-        return _explicit_attention(q, k, v, mask, scale, softcap)
     if mask is not None and torch.compiler.is_compiling() and q.device.type == "cpu" \
             and q.shape[0] * q.shape[2] <= MAX_ROWS:  # a compiled CPU decode step or verification
-        return decode_attention(q, k, v, mask, scale=scale)
+        return decode_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if softcap is not None:
+        return _explicit_attention(q, k, v, mask, scale, softcap)
     if mask is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
                                                                 enable_gqa=gqa)
@@ -205,7 +207,7 @@ def _explicit_attention(q, k, v, mask, scale, softcap) -> torch.Tensor:
     scores = torch.einsum("bgrtd,bgsd->bgrts", qf, k.float()) * scale
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device).tril(S - T)  # causal
     scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, T, S), float("-inf"))
     out = torch.einsum("bgrts,bgsd->bgrtd", scores.softmax(-1), v.float())
     return out.reshape(B, H, T, D).to(q.dtype)

@@ -8,6 +8,10 @@ A family module (models/<family>.py) provides:
   gguf_unpermute_heads(hf_name, config, arch) -> int | None   heads whose rows llama.cpp permuted for rope
   expected_shapes(config) -> {name: shape} the shapes a few tensors must have (checked before building)
   layer_of(name) -> int | None             which layer a parameter belongs to (checked before building)
+and optionally:
+  gguf_value_shift(hf_name, config, arch) -> float   what llama.cpp's converter added to a tensor (undone)
+  checkpoint_tensor_name(name, config) -> str | None  a checkpoint's tensor name -> the model's (None: unused)
+  hf_config_dict(config, dtype) -> dict    config.json for fine-tuned exports (train/export.py)
 Adding a family is a new file plus its entries below; nothing else learns its layout.
 """
 
@@ -26,12 +30,17 @@ FAMILIES: dict[str, str] = {
     "qwen2": "llama",
     "smollm": "llama",
     "smollm2": "llama",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "gemma3": "gemma",  # a multimodal checkpoint: its text model
 }
 # GGUF general.architecture -> family module
 GGUF_FAMILIES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
 }
 
 

@@ -60,18 +60,21 @@ class PromptLookupDrafter:
 
     def start(self, prompt: list[int], max_len: int) -> None:
         self._index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(self.max_ngram + 1)]
-        self._indexed = 0  # n-grams starting before this position (with a following token) are indexed
+        self._indexed = 0  # n-grams whose last token lies before this position (and is followed by one) are indexed
         self._last: tuple[int, int] | None = None  # (source position, text length) of the last proposal
         self.forwards = 0
 
     def _extend_index(self, seq: list[int]) -> None:
-        # every n-gram seq[i:i+n] with i + n <= len(seq) - 1 (at least one token follows it)
+        # every n-gram seq[i:i+n] with i + n <= len(seq) - 1 (at least one token follows it), visited by the
+        # position j = i + n - 1 of its last token: each call adds the n-grams that the new tokens complete
+        # (indexing by start position would miss an n-gram that started before the text had grown enough)
         end = len(seq) - 1
-        for i in range(self._indexed, end):
+        for j in range(self._indexed, end):
             for n in range(self.min_ngram, self.max_ngram + 1):
-                if i + n > end:
+                i = j - n + 1
+                if i < 0:
                     break
-                self._index[n].setdefault(tuple(seq[i:i + n]), []).append(i)
+                self._index[n].setdefault(tuple(seq[i:j + 1]), []).append(i)
         self._indexed = max(self._indexed, end)
 
     def propose(self, seq: list[int], k_for: Callable[[Any], int], sampler: Sampler, history_needed: bool):

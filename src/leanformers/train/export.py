@@ -1,6 +1,6 @@
 """Write a fine-tuned model as a Hugging Face directory that transformers and leanformers both load.
 
-config.json is written from leanformers' ModelConfig (so a GGUF base gets one too), the weights as
+config.json is written from the model's config (so a GGUF base gets one too), the weights as
 model.safetensors (sharded with model.safetensors.index.json above `max_shard_size`), the tokenizer as the
 source directory's files or, for a GGUF base, tokenizer.json written from the tokenizers backend plus a
 tokenizer_config.json with the special tokens and chat template, and generation_config.json.
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.registry import family_for
 from .lora import unwrap_state_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -25,7 +26,11 @@ DEFAULT_MAX_SHARD = 5 * 1024**3
 
 
 def config_dict(config: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """HF config.json keys from a ModelConfig."""
+    """HF config.json keys from the model's config: the family's `hf_config_dict` where it has one, else
+    the Llama family's keys (ModelConfig)."""
+    family = family_for(config)
+    if hasattr(family, "hf_config_dict"):
+        return family.hf_config_dict(config, dtype)
     model_type = config.model_type if config.model_type in ARCHITECTURES else "llama"
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
