@@ -183,13 +183,13 @@ def build(config: Phi3Config) -> Phi3ForCausalLM:
 
 def config_from_dict(data: dict[str, Any], source: str) -> Phi3Config:
     rope = data.get("rope_parameters") if isinstance(data.get("rope_parameters"), dict) else None
-    scaling = rope if rope is not None else data.get("rope_scaling")
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-    if isinstance(kind, str) and kind.lower() in LONG_CONTEXT_ROPE:
-        raise UnsupportedModelError(
-            f"{source}: Phi-3 rope scaling {kind!r} (the long-context variants: Phi-3-*-128k, Phi-3.5-mini, "
-            "Phi-4-mini) is not supported: its factors switch with the sequence length; the 4k-context Phi-3 "
-            "models (no rope_scaling) load")
+    for scaling in (rope, data.get("rope_scaling")):  # either key may carry it (older configs: rope_scaling)
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+        if isinstance(kind, str) and kind.lower() in LONG_CONTEXT_ROPE:
+            raise UnsupportedModelError(
+                f"{source}: Phi-3 rope scaling {kind!r} (the long-context variants: Phi-3-*-128k, Phi-3.5-mini, "
+                "Phi-4-mini) is not supported: its factors switch with the sequence length; the 4k-context "
+                "Phi-3 models (no rope_scaling) load")
     data = dict(data)
     if rope is not None and "partial_rotary_factor" in rope:  # transformers 5 keeps it with the rope keys
         data.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
