@@ -20,6 +20,7 @@ from .files import read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")  # model types with an RMSNorm over each query and key head
 
 # Keys config.json must give: without them the model's shape is unknown.
 _REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -45,7 +46,7 @@ MAX_ROPE_THETA = 1e12
 class ModelConfig:
     """Configuration of a Llama-family decoder, keyed like Hugging Face's config.json."""
 
-    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -70,9 +71,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None
     architectures: list[str] | None = None
-    # Derived, not HF keys: which projections carry a bias.
+    # Derived, not HF keys: which projections carry a bias; RMSNorm of each query/key head (Qwen3).
     qkv_bias: bool = field(default=False, repr=False)
     o_bias: bool = field(default=False, repr=False)
+    qk_norm: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or self.model_type not in self.model_types:
@@ -110,6 +112,7 @@ class ModelConfig:
             self.qkv_bias, self.o_bias = True, False
         else:
             self.qkv_bias = self.o_bias = self.attention_bias
+        self.qk_norm = self.model_type in QK_NORM_TYPES
         if self.layer_types is not None:
             if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
                 raise ConfigError(f"layer_types must be a list of strings, got {_short(self.layer_types)}")
@@ -172,8 +175,10 @@ class ModelConfig:
         if "torch_dtype" not in kwargs and isinstance(data.get("dtype"), str):
             kwargs["torch_dtype"] = data["dtype"]
         try:
-            if model_type == "qwen2":
+            if model_type in ("qwen2", "qwen3"):
                 kwargs.update(_qwen2_windows(data))
+            if model_type == "qwen3" and "head_dim" not in data:
+                kwargs["head_dim"] = 128  # transformers' Qwen3Config default (not hidden_size // heads)
             return cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
@@ -208,7 +213,7 @@ class ModelConfig:
 
 
 def _qwen2_windows(data: dict[str, Any]) -> dict[str, Any]:
-    """Qwen2's use_sliding_window / max_window_layers as sliding_window + layer_types."""
+    """Qwen2/Qwen3's use_sliding_window / max_window_layers as sliding_window + layer_types."""
     use = data.get("use_sliding_window", False)
     if type(use) is not bool:
         raise ConfigError(f"config field 'use_sliding_window' must be true or false, got {_short(use)}")
@@ -308,3 +313,5 @@ check_int = _check_int
 check_float = _check_float
 short = _short
 rope_from_dict = _rope_from_dict
+normalize_rope_scaling = _normalize_rope_scaling
+qwen2_windows = _qwen2_windows

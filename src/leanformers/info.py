@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .hub import resolve
 from .loading import read_checkpoint
+from .models.registry import family_for
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -35,30 +36,31 @@ def describe(reference: str | None, *, revision: str | None = None, offline: boo
         else:
             kinds[str(t.dtype).removeprefix("torch.")] += 1
             weight_bytes += numel * t.element_size()
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    rope = config.rope_type + (f" x{config.rope_scaling['factor']}" if config.rope_scaling else "")
-    lines = [
-        f"model:            {resolved.reference}",
-        f"source:           {resolved.path} ({resolved.kind})",
-        f"architecture:     {config.model_type} ({', '.join(config.architectures or []) or 'causal LM'})",
-        f"parameters:       {n_params / 1e6:.1f} M",
-        f"layers:           {config.num_hidden_layers}, hidden {config.hidden_size}, "
-        f"intermediate {config.intermediate_size}",
-        f"attention:        {config.num_attention_heads} heads, {config.num_key_value_heads} kv heads, "
-        f"head_dim {config.head_dim}" + (f", sliding window {config.sliding_window}" if config.sliding_window else ""),
-        f"rope:             theta {config.rope_theta:g}, {rope}",
-        f"vocab:            {config.vocab_size}, tied embeddings: {'yes' if config.tie_word_embeddings else 'no'}",
-        f"context length:   {config.max_position_embeddings}",
-        f"weights dtype:    {', '.join(f'{k} x{v}' for k, v in kinds.most_common())}",
-        f"weights memory:   {_human(weight_bytes)} on disk/mapped; {_human(n_params * 4)} as float32, "
-        f"{_human(n_params * 2)} as bfloat16",
-        f"KV cache:         {_human(kv_per_token)} per token in float32 "
-        f"({_human(kv_per_token * config.max_position_embeddings)} for the full context)",
-    ]
-    describe_family = getattr(config, "describe", None)  # a family's own switches (layer pattern, ...)
-    if callable(describe_family):
-        lines[7:7] = describe_family()
-    lines.append("files:")
+    c = config
+    kv_per_token = lambda: 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # noqa: E731
+    fields = {  # label -> how to say it for a Llama-shaped config; a family's `describe` overrides or adds
+        "model": lambda: resolved.reference,
+        "source": lambda: f"{resolved.path} ({resolved.kind})",
+        "architecture": lambda: f"{c.model_type} ({', '.join(c.architectures or []) or 'causal LM'})",
+        "parameters": lambda: f"{n_params / 1e6:.1f} M",
+        "layers": lambda: f"{c.num_hidden_layers}, hidden {c.hidden_size}, intermediate {c.intermediate_size}",
+        "attention": lambda: f"{c.num_attention_heads} heads, {c.num_key_value_heads} kv heads, head_dim {c.head_dim}"
+                             + (f", sliding window {c.sliding_window}" if c.sliding_window else ""),
+        "rope": lambda: f"theta {c.rope_theta:g}, {c.rope_type}"
+                        + (f" x{c.rope_scaling['factor']}" if c.rope_scaling else ""),
+        "vocab": lambda: f"{c.vocab_size}, tied embeddings: {'yes' if c.tie_word_embeddings else 'no'}",
+        "context length": lambda: f"{c.max_position_embeddings}",
+        "weights dtype": lambda: ", ".join(f"{k} x{v}" for k, v in kinds.most_common()),
+        "weights memory": lambda: f"{_human(weight_bytes)} on disk/mapped; {_human(n_params * 4)} as float32, "
+                                  f"{_human(n_params * 2)} as bfloat16",
+        "KV cache": lambda: f"{_human(kv_per_token())} per token in float32 "
+                            f"({_human(kv_per_token() * c.max_position_embeddings)} for the full context)",
+    }
+    own_lines = getattr(family_for(config), "describe", None)
+    own = own_lines(config) if own_lines is not None else {}
+    texts = {label: own.get(label) or say() for label, say in fields.items()}
+    texts.update(own)  # lines only this family has (e.g. experts) go last
+    lines = [f"{label + ':':17s} {text}" for label, text in texts.items()] + ["files:"]
     for f in files:
         lines.append(f"  {Path(f).name:40s} {_human(Path(f).stat().st_size)}")
     return "\n".join(lines)

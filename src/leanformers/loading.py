@@ -67,6 +67,9 @@ def read_checkpoint(resolved: ResolvedModel) -> tuple[Any, Mapping[str, Any], li
     tensors, files = read_weights_dir(directory)
     tensors = _family_names(tensors, config)
     origin = getattr(tensors, "origin", files[0])  # the index, or the single weights file
+    adapt = getattr(family_for(config), "from_hf_checkpoint", None)
+    if adapt is not None:  # the family's own layout of the file's tensors (GPT-2's transposed Conv1D weights)
+        tensors = adapt(tensors, config)
     check_config_fits_tensors(config, tensors, config_source=str(directory / "config.json"),
                               weights_source=f"the tensors of {origin.name}")
     return config, tensors, files, None

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
 from ..files import file_size
-from ..models.registry import family_for_gguf
+from ..models.registry import family_for, family_for_gguf
 from .gguf_header import parse_header
 from .gguf_meta import GGUFMetadata
 
@@ -183,7 +183,8 @@ class GGUFFile:
     def config(self) -> Any:
         """The family's config from the GGUF metadata."""
         meta = GGUFMetadata(self.metadata, source=str(self.path))
-        return family_for_gguf(meta.arch, str(self.path)).config_from_gguf(meta, self.tensor_names())
+        experts = (meta.get("expert_count", int) or 0) > 0
+        return family_for_gguf(meta.arch, str(self.path), experts=experts).config_from_gguf(meta, self.tensor_names())
 
     def tensor_names(self) -> list[str]:
         return [info.name for info in self._infos]
@@ -195,7 +196,7 @@ class GGUFFile:
         dequantize are accepted.
         """
         arch = self.metadata.get("general.architecture")
-        family = family_for_gguf(arch, str(self.path))
+        family = family_for(config)  # the config's family: a `llama` file with experts is Mixtral's
         out: dict[str, GGUFTensor] = {}
         for info in self._infos:
             name, shape, qtype = info.name, info.shape, info.qtype
@@ -211,6 +212,17 @@ class GGUFFile:
                     f"which is not supported (supported: {', '.join(SUPPORTED_QTYPES)})"
                 )
             raw = self._data[info.offset : info.offset + info.nbytes]
+            if "{expert}" in hf:  # experts stacked along the first dimension: one tensor per expert
+                if len(shape) != 3:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} stacks experts, so it must have 3 "
+                                          f"dimensions, but has shape {list(shape)}")
+                rows = raw.reshape(shape[0], -1)  # an expert's bytes are contiguous, whatever the type
+                for e in range(shape[0]):
+                    expert = hf.format(expert=e)
+                    part = rows[e] if qtype in ("F32", "F16", "BF16") else rows[e].reshape(shape[1], -1)
+                    heads = family.gguf_unpermute_heads(expert, config, arch)
+                    out[expert] = GGUFTensor(expert, qtype, shape[1:], part, heads, str(self.path))
+                continue
             if qtype not in ("F32", "F16", "BF16"):
                 raw = raw.reshape(shape[0] if len(shape) > 1 else 1, -1)
             heads = family.gguf_unpermute_heads(hf, config, arch)

@@ -108,6 +108,17 @@ class DecoderModel(nn.Module):
             if isinstance(mod, nn.Linear) and name != self.output_head:
                 yield name, mod
 
+    def fused_projections(self) -> list[str]:
+        """Names of the linears `fuse_projections()` made (concatenations, not checkpoint tensors): LoRA
+        refuses a model that has any. Projections a family's checkpoints store fused (Phi-3's qkv_proj)
+        are not listed. Default: none."""
+        return []
+
+    def adapter_target(self, name: str) -> bool:
+        """Whether LoRA may wrap the linear `name` ("all-linear" also leaves out the output head). An adapter
+        must name modules that transformers' model has too, so that PEFT loads it. Default: every linear."""
+        return True
+
     @property
     def tied_embeddings(self) -> bool:
         """True when the output head shares the input embedding's weight."""
@@ -129,6 +140,14 @@ class DecoderModel(nn.Module):
         self.structure_version += 1
 
     # ------------------------------------------------------------------------------ helpers for families
+    def run_layer(self, layer: nn.Module, *args: Any) -> torch.Tensor:
+        """layer(*args); its activations are recomputed in backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
     @staticmethod
     def check_inputs(input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -166,19 +166,6 @@ class GemmaConfig:
             return []
         return list(eos) if isinstance(eos, list) else [int(eos)]
 
-    def describe(self) -> list[str]:
-        """Extra lines for `leanformers info`: the layer pattern, rope bases and soft-capping."""
-        n_local = self.layer_types.count("sliding_attention")
-        lines = [f"layer pattern:    {n_local} sliding-window ({self.sliding_window}) and "
-                 f"{self.num_hidden_layers - n_local} global layers"]
-        if self.rope_local_base_freq is not None:
-            lines.append(f"rope (local):     theta {self.rope_local_base_freq:g}")
-        caps = [f"{n} {v:g}" for n, v in (("attention", self.attn_logit_softcapping),
-                                          ("final logits", self.final_logit_softcapping)) if v is not None]
-        if caps:
-            lines.append(f"soft-capping:     {', '.join(caps)}")
-        return lines
-
 
 # ---------------------------------------------------------------------------------------------- the layers
 class Attention(nn.Module):
@@ -660,3 +647,18 @@ def _gguf_layer_types(meta: GGUFMetadata, n_layers: int, default_every: int) -> 
 __all__ = ["GemmaConfig", "GemmaForCausalLM", "build", "config_from_dict", "config_from_gguf",
            "expected_shapes", "gguf_tensor_name", "gguf_unpermute_heads", "gguf_value_shift", "hf_config_dict",
            "layer_of", "checkpoint_tensor_name"]
+
+
+def describe(config: GemmaConfig) -> dict[str, str]:
+    """`leanformers info` lines beyond the Llama-shaped ones: the layer pattern, rope bases and soft-capping."""
+    c = config
+    n_local = c.layer_types.count("sliding_attention")
+    out = {"layer pattern": f"{n_local} sliding-window ({c.sliding_window}) and "
+                            f"{c.num_hidden_layers - n_local} global layers"}
+    if c.rope_local_base_freq is not None:
+        out["rope (local)"] = f"theta {c.rope_local_base_freq:g}"
+    caps = [f"{n} {v:g}" for n, v in (("attention", c.attn_logit_softcapping),
+                                      ("final logits", c.final_logit_softcapping)) if v is not None]
+    if caps:
+        out["soft-capping"] = ", ".join(caps)
+    return out

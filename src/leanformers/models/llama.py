@@ -1,8 +1,11 @@
-"""The Llama family: Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2/Qwen2.5.
+"""The Llama family: Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2/Qwen2.5, Qwen3.
 
 Variants are config switches (see ModelConfig): GQA/MQA via num_key_value_heads, rope scaling
-(`linear`, `llama3`), q/k/v (and o) biases, MLP biases, sliding-window attention per layer, tied or
-untied lm_head. Parameter names are Hugging Face's, so safetensors load without mapping.
+(`linear`, `llama3`), q/k/v (and o) biases, MLP biases, sliding-window attention per layer, an RMSNorm
+over each query and key head before the rotary embedding (Qwen3: `q_norm`/`k_norm`), tied or untied
+lm_head. Parameter names are Hugging Face's, so safetensors load without mapping. Qwen3 is a switch here,
+not a file of its own: it is this file's layers plus two per-head norms, and shares every table (HF and
+GGUF names, rope, windows) with Qwen2.
 
     GQA with n_heads=6, n_kv_heads=2 (each K/V head serves a group of 3 query heads):
         q: h0 h1 h2 | h3 h4 h5
@@ -12,7 +15,7 @@ untied lm_head. Parameter names are Hugging Face's, so safetensors load without 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections()
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's head_dim features, before rope
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, positions: torch.Tensor, kv_len: int | None) -> torch.Tensor:
@@ -51,6 +58,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if rowwise(x):
             # compiled CPU step: the new K/V once into buffers (inlined, their rotary embedding was
@@ -66,9 +75,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """down(silu(gate(x)) * up(x)); `intermediate_size` overrides the config's (mixture-of-experts experts)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
+        h, i = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
@@ -83,10 +94,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = mlp if mlp is not None else MLP(config)  # another family's feed-forward (models/moe.py)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.window = config.layer_window(layer_idx)
@@ -97,23 +108,28 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, make_mlp: Callable[[int], nn.Module] | None = None):
         super().__init__()
         # normal_ on the meta device (nn.Embedding's own init) imports torch._dynamo: keep it off meta
         weight = torch.empty(config.vocab_size, config.hidden_size)
         if weight.device.type != "meta":
             nn.init.normal_(weight)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, make_mlp(i) if make_mlp else None)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(DecoderModel):
-    """Decoder-only LM with HF parameter names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
+    """Decoder-only LM with HF parameter names (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
 
-    def __init__(self, config: ModelConfig):
+    make_mlp(layer_idx): the feed-forward module of each layer, for a family that is this stack with another
+    feed-forward (models/moe.py); default: the gated MLP.
+    """
+
+    def __init__(self, config: ModelConfig, make_mlp: Callable[[int], nn.Module] | None = None):
         super().__init__(config)
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, make_mlp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -149,13 +165,7 @@ class LlamaForCausalLM(DecoderModel):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for layer in self.model.layers:
-            args = (x, cos, sin, masks[layer.window], cache, positions, kv_len)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
-
-                x = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x = layer(*args)
+            x = self.run_layer(layer, x, cos, sin, masks[layer.window], cache, positions, kv_len)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -166,17 +176,33 @@ class LlamaForCausalLM(DecoderModel):
         """Concatenate q/k/v and gate/up weights into single linears (fewer, larger matmuls)."""
         changed = False
         for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv_proj is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-                attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-                attn.q_proj = attn.k_proj = attn.v_proj = None
-                changed = True
-            if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
-                mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
-                mlp.gate_proj = mlp.up_proj = None
-                changed = True
+            changed |= fuse_attention(layer.self_attn)
+            if isinstance(layer.mlp, MLP):
+                changed |= fuse_mlp(layer.mlp)
         if changed:
             self.structure_version += 1
+
+    def fused_projections(self) -> list[str]:
+        """The q/k/v and gate/up concatenations fuse_projections() made (not checkpoint tensors)."""
+        return [name for name, mod in self.named_modules() if name.endswith((".qkv_proj", ".gate_up_proj"))]
+
+
+def fuse_attention(attn: Attention) -> bool:
+    """q/k/v into one `qkv_proj` (plain float linears only: quantized or LoRA-wrapped ones stay); True if fused."""
+    if attn.qkv_proj is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+        attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.q_proj = attn.k_proj = attn.v_proj = None
+        return True
+    return False
+
+
+def fuse_mlp(mlp: MLP) -> bool:
+    """gate/up into one `gate_up_proj` (plain float linears only); True if fused."""
+    if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
+        mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+        mlp.gate_proj = mlp.up_proj = None
+        return True
+    return False
 
 
 def attention_mask_for(positions, n_keys, window, segments, cached):
@@ -242,13 +268,15 @@ GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # GGUF architecture -> model_type
+GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}  # arch -> model_type
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
@@ -275,8 +303,13 @@ def gguf_unpermute_heads(hf_name: str, config: ModelConfig, arch: str) -> int | 
     return None
 
 
-def config_from_gguf(meta: GGUFMetadata, tensor_names: list[str]) -> ModelConfig:
-    """A ModelConfig from llama.cpp's metadata keys."""
+def config_from_gguf(meta: GGUFMetadata, tensor_names: list[str]) -> Any:
+    """A ModelConfig from llama.cpp's metadata keys (a `llama` file with experts is Mixtral: see the registry)."""
+    return ModelConfig.from_dict(config_from_gguf_dict(meta, tensor_names), source=meta.source)
+
+
+def config_from_gguf_dict(meta: GGUFMetadata, tensor_names: list[str]) -> dict[str, Any]:
+    """config.json keys from llama.cpp's metadata keys of a Llama-shaped architecture."""
     get, source = meta.get, meta.source
     n_head = get("attention.head_count", int, required=True)
     hidden = get("embedding_length", int, required=True)
@@ -300,7 +333,7 @@ def config_from_gguf(meta: GGUFMetadata, tensor_names: list[str]) -> ModelConfig
     if scaling_type not in (None, "none"):
         scaling = {"rope_type": scaling_type, "factor": get("rope.scaling.factor", float)}
     data: dict[str, Any] = {
-        "model_type": GGUF_MODEL_TYPES[meta.arch],
+        "model_type": GGUF_MODEL_TYPES.get(meta.arch, meta.arch),
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length", int, required=True),
@@ -319,4 +352,15 @@ def config_from_gguf(meta: GGUFMetadata, tensor_names: list[str]) -> ModelConfig
         "eos_token_id": get("tokenizer.ggml.eos_token_id", int, full=True),
         "pad_token_id": get("tokenizer.ggml.padding_token_id", int, full=True),
     }
-    return ModelConfig.from_dict(data, source=source)
+    return data
+
+
+def describe(config: ModelConfig) -> dict[str, str]:
+    """`leanformers info`: the attention line names the per-head q/k norms (Qwen3) and biases (Qwen2)."""
+    c = config
+    extras = [name for name, on in (("q/k norm", c.qk_norm), ("q/k/v bias", c.qkv_bias)) if on]
+    if c.sliding_window:
+        windows = {c.layer_window(i) for i in range(c.num_hidden_layers)}
+        extras.append(f"sliding window {c.sliding_window}" + ("" if None not in windows else " (some layers)"))
+    text = f"{c.num_attention_heads} heads, {c.num_key_value_heads} kv heads, head_dim {c.head_dim}"
+    return {"attention": ", ".join([text, *extras])}

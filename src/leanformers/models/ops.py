@@ -36,7 +36,13 @@ def rowwise(x: torch.Tensor) -> bool:
 def realized(x: torch.Tensor) -> torch.Tensor:
     """x in a buffer of its own: as_strided makes Inductor compute it once instead of inlining it into consumers."""
     x = x.contiguous()
-    return x.as_strided(x.shape, x.stride())
+    # the contiguous strides from the shape, not x.stride(): inside a torch.cond branch being exported
+    # (mixture-of-experts decode steps) Dynamo cannot hand out a tensor's symbolic strides
+    strides, step = [], 1
+    for n in reversed(x.shape):
+        strides.append(step)
+        step = step * n
+    return x.as_strided(x.shape, tuple(reversed(strides)))
 
 
 def _materialized(x: torch.Tensor) -> torch.Tensor:

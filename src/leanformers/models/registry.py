@@ -8,10 +8,15 @@ A family module (models/<family>.py) provides:
   gguf_unpermute_heads(hf_name, config, arch) -> int | None   heads whose rows llama.cpp permuted for rope
   expected_shapes(config) -> {name: shape} the shapes a few tensors must have (checked before building)
   layer_of(name) -> int | None             which layer a parameter belongs to (checked before building)
-and optionally:
+Optional hooks (a family without them gets the Llama-shaped default of the caller):
   gguf_value_shift(hf_name, config, arch) -> float   what llama.cpp's converter added to a tensor (undone)
   checkpoint_tensor_name(name, config) -> str | None  a checkpoint's tensor name -> the model's (None: unused)
-  hf_config_dict(config, dtype) -> dict    config.json for fine-tuned exports (train/export.py)
+  from_hf_checkpoint(tensors, config) -> Mapping   an HF directory's tensors in the model's layout (GPT-2:
+                                           Conv1D weights transposed); to_hf_checkpoint(state, config) undoes it
+  hf_config_dict(config, dtype) -> dict    config.json keys for an exported model (train/export.py)
+  describe(config) -> {label: text}        `leanformers info` lines that differ from the Llama-shaped ones
+gguf_tensor_name may return a name with `{expert}`: the GGUF tensor stacks experts along its first
+dimension and is split into one tensor per expert (checkpoint/gguf.py).
 Adding a family is a new file plus its entries below; nothing else learns its layout.
 """
 
@@ -33,6 +38,11 @@ FAMILIES: dict[str, str] = {
     "gemma2": "gemma",
     "gemma3_text": "gemma",
     "gemma3": "gemma",  # a multimodal checkpoint: its text model
+    "qwen3": "llama",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "mixtral": "moe",
+    "qwen3_moe": "moe",
 }
 # GGUF general.architecture -> family module
 GGUF_FAMILIES: dict[str, str] = {
@@ -41,6 +51,15 @@ GGUF_FAMILIES: dict[str, str] = {
     "qwen2": "llama",
     "gemma2": "gemma",
     "gemma3": "gemma",
+    "qwen3": "llama",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "qwen3moe": "moe",
+}
+# GGUF architectures whose files with `<arch>.expert_count` > 0 are another family's (llama.cpp writes Mixtral
+# as `llama`)
+GGUF_EXPERT_FAMILIES: dict[str, str] = {
+    "llama": "moe",
 }
 
 
@@ -58,8 +77,10 @@ def family_for(config: Any) -> ModuleType:
     return family(config.model_type)
 
 
-def family_for_gguf(arch: str, source: str) -> ModuleType:
-    name = GGUF_FAMILIES.get(arch)
+def family_for_gguf(arch: str, source: str, *, experts: bool = False) -> ModuleType:
+    """The module reading GGUF architecture `arch` (`experts`: the file has `<arch>.expert_count` > 0)."""
+    name = GGUF_EXPERT_FAMILIES.get(arch) if experts else None
+    name = name or GGUF_FAMILIES.get(arch)
     if name is None:
         raise UnsupportedModelError(
             f"{source}: GGUF architecture {arch!r} is not supported (supported: {sorted(GGUF_FAMILIES)})")

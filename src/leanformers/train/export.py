@@ -19,18 +19,18 @@ from torch import nn
 from ..models.registry import family_for
 from .lora import unwrap_state_dict
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
 DEFAULT_MAX_SHARD = 5 * 1024**3
 
 
 def config_dict(config: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """HF config.json keys from the model's config: the family's `hf_config_dict` where it has one, else
-    the Llama family's keys (ModelConfig)."""
-    family = family_for(config)
-    if hasattr(family, "hf_config_dict"):
-        return family.hf_config_dict(config, dtype)
+    """HF config.json keys from a model's config: the family's own (`hf_config_dict`), else the Llama family's."""
+    own = getattr(family_for(config), "hf_config_dict", None)
+    if own is not None:
+        return own(config, dtype)
     model_type = config.model_type if config.model_type in ARCHITECTURES else "llama"
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
@@ -43,7 +43,9 @@ def config_dict(config: Any, dtype: torch.dtype) -> dict[str, Any]:
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."), "attention_dropout": 0.0,
     }
-    if model_type == "qwen2":
+    if model_type == "qwen3":
+        out["attention_bias"] = config.attention_bias
+    if model_type in ("qwen2", "qwen3"):
         out["use_sliding_window"] = config.sliding_window is not None and config.layer_types is not None
         out["sliding_window"] = config.sliding_window
         if config.layer_types is not None:
@@ -114,6 +116,9 @@ def save_pretrained(model: nn.Module, config: Any, tokenizer: Any, directory: st
     state = unwrap_state_dict(model)
     if config.tie_word_embeddings and getattr(model, "output_head", None):
         state.pop(f"{model.output_head}.weight", None)  # a tied head is not stored: HF ties it on load
+    to_hf = getattr(family_for(config), "to_hf_checkpoint", None)
+    if to_hf is not None:  # the family's checkpoint layout (GPT-2 stores Conv1D weights transposed)
+        state = to_hf(state, config)
     dtype = next(iter(state.values())).dtype
     (directory / "config.json").write_text(json.dumps(config_dict(config, dtype), indent=2) + "\n")
     save_weights(state, directory, max_shard_size or DEFAULT_MAX_SHARD)

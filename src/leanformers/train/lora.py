@@ -131,8 +131,14 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def resolve_targets(model: nn.Module, target_modules: str | Iterable[str]) -> tuple[list[str], list[str]]:
-    """(full module names to wrap, the short names for adapter_config.json); errors list what exists."""
+    """(full module names to wrap, the short names for adapter_config.json); errors list what exists.
+
+    A decoder says which of its linears an adapter may name (`DecoderModel.adapter_target`: e.g. not the
+    experts of a mixture-of-experts model, which transformers stores as 3-D tensors PEFT cannot wrap)."""
     names = linear_names(model)
+    allowed = getattr(model, "adapter_target", None)
+    if allowed is not None:
+        names = {n: m for n, m in names.items() if allowed(n)}
     short_available = sorted({n.rsplit(".", 1)[-1] for n in names})
     if isinstance(target_modules, str):
         targets = ["all-linear"] if target_modules == "all-linear" else [t for t in target_modules.split(",") if t]
@@ -140,8 +146,11 @@ def resolve_targets(model: nn.Module, target_modules: str | Iterable[str]) -> tu
         targets = list(target_modules)
     if not targets:
         raise InvalidArgumentError(f"target_modules is empty; available: all-linear, {', '.join(short_available)}")
-    fused = [n for n, m in model.named_modules() if n.endswith(("qkv_proj", "gate_up_proj")) and m is not None
-             and isinstance(m, LINEAR_TYPES)]
+    if hasattr(model, "fused_projections"):  # a decoder knows which of its linears are load-time fusions
+        fused = model.fused_projections()
+    else:
+        fused = [n for n, m in model.named_modules() if n.endswith(("qkv_proj", "gate_up_proj")) and m is not None
+                 and isinstance(m, LINEAR_TYPES)]
     if fused:
         raise InvalidArgumentError("the model's projections are fused (e.g. "
                                    f"{fused[0]}); apply LoRA before fuse_projections()/compile()")
