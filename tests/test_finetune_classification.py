@@ -160,6 +160,56 @@ def test_losses_equal_trainer(encoders, tmp_path, problem, grad_accum):
     assert (trained - load_encoder(model_dir).model.classifier.weight).abs().max() > 1e-3  # and they moved
 
 
+def test_lora_losses_equal_peft_trainer(encoders, tmp_path):
+    """10 LoRA steps on a classifier (LoRA on query/value, the head trained whole): the same per-step losses as
+    peft (task_type SEQ_CLS, whose modules_to_save is the classifier) under transformers' Trainer, from the same
+    initial adapter and head, on the same batches; the trained head ends up the same too."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.classification import prepare_model, read_classification_records, resolve_labels
+    from leanformers.train.lora import adapter_state
+
+    steps, bs, targets = 10, 4, ["query", "value"]
+    model_dir = encoders["bert-cls"]
+    data = write_data(tmp_path / "train.jsonl", steps * bs, pairs=True)
+    opts = dict(method="lora", lora_r=4, lora_alpha=8, target_modules=targets, max_steps=steps, batch_size=bs,
+                lr=5e-3, weight_decay=0.01, warmup_steps=2, lr_schedule="cosine")
+    res = leanformers.finetune(str(model_dir), data=str(data), output_dir=str(tmp_path / "out"), **COMMON, **opts)
+    ours = [m["loss"] for m in metrics(res.output_dir)]
+    # the initial adapter and head finetune() made (seeded), handed to peft
+    args = FinetuneArgs(model=str(model_dir), data=str(data), output_dir="unused", **COMMON, **opts).check()
+    enc = load_encoder(model_dir, dtype="float32", fuse=False, task="sequence_classification")
+    space = resolve_labels(read_classification_records(data), enc, args, str(data))
+    prepared = prepare_model(enc, space, args, torch.float32)
+    assert prepared.modules_to_save == ["classifier"] and len(prepared.lora_targets) == 4  # 2 layers x q, v
+    init = adapter_state(enc.model, prepared.modules_to_save)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                               task_type="SEQ_CLS"))
+    result = set_peft_model_state_dict(peft_model, init)
+    assert not result.unexpected_keys
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(head.weight, init["base_model.model.classifier.weight"])
+    trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert len(trainable) == 2 * 4 + 2, trainable  # lora_A/B of 4 linears + the head's weight and bias
+    ds = our_dataset(model_dir, data, batch_size=bs)
+    order = ds.order(0)[: steps * bs]
+    rows = hf_rows(model_dir, data, order, NAMES, False)
+    theirs = trainer_losses(peft_model, rows, ds.pad_id, tmp_path / "hf", batch_size=bs, grad_accum=1, steps=steps,
+                            lr=5e-3, weight_decay=0.01, warmup=2, schedule="cosine", collate_fn=collate_cls(ds.pad_id))
+    print("leanformers", ours, "\npeft", theirs)
+    assert len(ours) == len(theirs) == steps
+    for a, b in zip(ours, theirs):
+        assert abs(a - b) <= 1e-5 * abs(b), (ours, theirs)
+    saved = load_file(str(res.output_dir / "adapter_model.safetensors"))
+    trained = saved["base_model.model.classifier.weight"]
+    assert (trained - head.weight.detach()).abs().max() < 1e-5
+    assert (trained - init["base_model.model.classifier.weight"]).abs().max() > 1e-3  # and it moved
+
+
 def test_new_head_is_initialized_as_transformers(encoders, tmp_path):
     """A base checkpoint gets transformers' head: new linears ~ normal(0, initializer_range), zero bias; the
     checkpoint's pooler kept; a pooler-less checkpoint gets a new pooler (transformers initializes it too)."""
@@ -339,6 +389,10 @@ def test_classify_text_pairs_match_transformers(encoders):
     (['{"text": "a", "label": 7}'], r"train\.jsonl:1: label index 7 is out of range: there are 3 labels"),
     (['{"label": "negative"}'], r"train\.jsonl:1: missing field 'text'"),
     (['{"text": "a"}'], r"train\.jsonl:1: missing field 'label' \(single-label: a name or index\) or 'labels'"),
+    (['{"sentence": "a", "label": "negative"}'], r"train\.jsonl:1: missing field 'text' \(the record has the fields "
+                                               r"'sentence', 'label'\)"),
+    (['{"text": "a", "class": "negative"}'], r"train\.jsonl:1: missing field 'label' .*; the record has the fields "
+                                            r"'text', 'class'"),
     (['{"text": "a", "label": true}'], r"train\.jsonl:1: field 'label' must be a label name \(string\) or index"),
     (['{"text": "a", "label": {"x": 1}}'], r"train\.jsonl:1: field 'label' must be a label name"),
     (['{"text": "a", "label": ["negative"]}'], r"train\.jsonl:1: field 'label' is a list; a list of labels goes in"),

@@ -61,7 +61,7 @@ def classification_kind(item: Any, where: str) -> str:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if "text" not in item:
-        raise DataError(f"{where}: missing field 'text'")
+        raise DataError(f"{where}: missing field 'text' (the record has {_fields(item)})")
     for key in ("text", "text_pair"):
         if key in item and not isinstance(item[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")
@@ -88,7 +88,12 @@ def classification_kind(item: Any, where: str) -> str:
                                 f"{type(value).__name__} {value!r}")
         return "labels"
     raise DataError(f"{where}: missing field 'label' (single-label: a name or index) or 'labels' (multi-label: a "
-                    "list)")
+                    f"list); the record has {_fields(item)}")
+
+
+def _fields(item: dict) -> str:
+    names = [repr(k) for k in list(item)[:8]]
+    return "the fields " + ", ".join(names) + (", ..." if len(item) > 8 else "") if names else "no fields"
 
 
 def _scalar(value: Any) -> bool:
@@ -378,8 +383,8 @@ def prepare_model(encoder: Any, space: LabelSpace, args: FinetuneArgs, param_dty
 
     family = encoder_family(encoder.config.model_type)
     new: list[str] = []
+    torch.manual_seed(args.seed)  # a new head's and LoRA's initial weights are the seed's
     if encoder.task != "sequence_classification":
-        torch.manual_seed(args.seed)
         new = add_classification_head(encoder, space.id2label, space.problem_type)
     else:
         cfg = encoder.config
