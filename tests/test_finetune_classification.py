@@ -525,7 +525,7 @@ def test_minilm_learns_multi_label_topics(tmp_path):
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     res = leanformers.finetune("all-minilm-l6-v2", task="classification", data=str(tmp_path / "train.jsonl"),
                                eval_data=str(tmp_path / "val.jsonl"), output_dir=str(tmp_path / "out"),
-                               method="full", epochs=3, batch_size=16, lr=1e-4, warmup_steps=5, precision="fp32",
+                               method="full", epochs=3, batch_size=16, lr=5e-4, warmup_steps=5, precision="fp32",
                                save_every=None, seed=0)
     f1 = res.eval_metrics["eval_micro_f1"]
     density = sum(len(r["labels"]) for r in val) / (len(val) * len(TOPICS))
