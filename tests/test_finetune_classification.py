@@ -414,6 +414,22 @@ def test_bad_data_names_file_line_and_labels(encoders, tmp_path, lines, message)
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_bad_eval_data_names_its_file_and_line(encoders, tmp_path):
+    """The eval file's labels are checked against the run's label set, and its label key against the training
+    data's, before any step is trained."""
+    data = write_data(tmp_path / "train.jsonl", 8)
+    val = tmp_path / "val.jsonl"
+    run = dict(data=str(data), eval_data=str(val), output_dir=str(tmp_path / "out"), method="full", max_steps=1)
+    val.write_text('{"text": "a", "label": "positive"}\n{"text": "b", "label": "happy"}\n')
+    with pytest.raises(DataError, match=r"val\.jsonl:2: unknown label 'happy'; the labels are 'negative', "
+                                        r"'neutral', 'positive'"):
+        leanformers.finetune(str(encoders["bert-cls"]), **run, **COMMON)
+    val.write_text('{"text": "a", "labels": ["positive"]}\n')
+    with pytest.raises(DataError, match=r"val\.jsonl:1: uses 'labels' but the training data uses 'label'"):
+        leanformers.finetune(str(encoders["bert-cls"]), **run, **COMMON)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_options_and_model_kinds(encoders, tiny_models, tmp_path):
     data = write_data(tmp_path / "train.jsonl", 8)
     out = str(tmp_path / "out")
