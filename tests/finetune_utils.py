@@ -55,8 +55,11 @@ def leanformers_rows(model_dir: Path, data: Path, *, seq_len: int, batch_size: i
 
 
 def trainer_losses(model, rows: list[dict], pad_id: int, tmp: Path, *, batch_size: int, grad_accum: int,
-                   steps: int, lr: float, weight_decay: float, warmup: int, schedule: str) -> list[float]:
-    """Per-step training losses of transformers' Trainer on `rows` in this exact order (fp32, CPU)."""
+                   steps: int, lr: float, weight_decay: float, warmup: int, schedule: str,
+                   collate_fn=None) -> list[float]:
+    """Per-step training losses of transformers' Trainer on `rows` in this exact order (fp32, CPU).
+
+    collate_fn: the batches' collator (default: causal-LM rows of input_ids and labels, right-padded)."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -87,6 +90,7 @@ def trainer_losses(model, rows: list[dict], pad_id: int, tmp: Path, *, batch_siz
         max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=42,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
     )
-    trainer = InOrder(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Record()])
+    trainer = InOrder(model=model, args=targs, train_dataset=rows, data_collator=collate_fn or collate,
+                      callbacks=[Record()])
     trainer.train()
     return losses

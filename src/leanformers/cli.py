@@ -374,13 +374,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ finetune
 def _add_finetune_parser(sub: Any) -> None:
     """`leanformers finetune`: every keyword of leanformers.finetune() as a flag (`lora_r` -> `--lora-r`)."""
-    f = sub.add_parser("finetune", help="fine-tune a model (full, LoRA, QLoRA)",
+    f = sub.add_parser("finetune", help="fine-tune a model (full, LoRA, QLoRA; causal LM or classifier)",
                        description="Fine-tune MODEL on JSONL/JSON/.txt data; writes a PEFT adapter (LoRA/QLoRA) or "
-                                   "a Hugging Face model directory (full) to --output.")
+                                   "a Hugging Face model directory (full) to --output. --task classification "
+                                   "trains an encoder's sequence classifier.")
     f.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
     f.add_argument("--data", required=True, help="training data: .jsonl/.json (messages, prompt/completion, "
                                                  "instruction/output, text) or .txt")
     f.add_argument("--eval-data", default=None, help="evaluation data, same formats")
+    f.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm",
+                   help="causal-lm (default: a decoder on text) or classification (an encoder's sequence classifier: "
+                        '{"text", "label"} or {"text", "labels": [...]} records, optional "text_pair")')
+    f.add_argument("--labels", default=None, help="classification: label names in id order (a,b,c) for a model "
+                                                  "without a classification head (default: the data's, sorted)")
+    f.add_argument("--problem-type", default=None,
+                   choices=["single_label_classification", "multi_label_classification", "regression"],
+                   help="classification: default the checkpoint's, else 'label' -> single, 'labels' -> multi")
     f.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output directory")
     f.add_argument("--method", choices=["full", "lora", "qlora"], default="lora", help="default: lora")
     f.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
@@ -429,7 +438,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         options["target_modules"] = "all-linear"
     result = finetune(args.model, data=args.data, output_dir=args.output_dir, **options)
     what = "LoRA adapter" if result.method != "full" else "model"
-    evals = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    evals = "".join(f", {k.replace('_', ' ')} {v:.4f}"
+                    for k, v in (result.eval_metrics or {}).items())
     loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
     print(f"saved the {what} to {result.output_dir} ({result.steps} steps{loss}{evals})", file=sys.stderr)
     return 0

@@ -72,7 +72,8 @@ class Encoder:
     """A loaded encoder: `.model`, `.tokenizer`, `.config`, pooling, normalize flag, max_seq_length, prompts."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config: Any, *, task: str, layout: SentenceLayout,
-                 max_seq_length: int, source: str = "<memory>", architecture: str | None = None):
+                 max_seq_length: int, source: str = "<memory>", architecture: str | None = None,
+                 model_dir: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -83,6 +84,7 @@ class Encoder:
         self.prompts: dict[str, str] = dict(layout.prompts)
         self.default_prompt_name = layout.default_prompt_name
         self.source = source  # the directory
+        self.model_dir = model_dir or source  # where config.json and the weights are (a subfolder for some layouts)
         self.reference = source  # what the user passed to leanformers.load (set by it), for messages
         self.architecture = architecture or type(model).__name__
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
@@ -90,7 +92,8 @@ class Encoder:
         backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
         backend.no_padding()
         backend.enable_truncation(max_seq_length)
-        if layout.do_lower_case and not _lowercases(backend.normalizer):
+        self.lowercase_added = layout.do_lower_case and not _lowercases(backend.normalizer)
+        if self.lowercase_added:
             steps = [normalizers.Lowercase()] + ([backend.normalizer] if backend.normalizer is not None else [])
             backend.normalizer = normalizers.Sequence(steps)
         self._backend = backend
@@ -130,7 +133,7 @@ class Encoder:
         ids = self._tokenize(items, truncate)
         prompt_length = self._prompt_length(prefix) if prefix and not self.pooling.include_prompt else 0
         out = torch.empty(len(ids), self.dimension, dtype=torch.float32)
-        for rows, batch, mask in self._batches(ids, batch_size):
+        for rows, batch, mask, _ in self._batches(ids, batch_size):
             hidden = self._hidden_states(batch, mask)
             out[rows] = self.pooling(hidden, mask, prompt_length).cpu()
         if self.normalize if normalize is None else normalize:
@@ -149,9 +152,10 @@ class Encoder:
         return F.normalize(a2, dim=1) @ F.normalize(b2, dim=1).T
 
     # ------------------------------------------------------------------------------ classification
-    def classify(self, texts: str | Sequence[str], *, batch_size: int = 64, truncate: bool = True,
-                 threshold: float = 0.5) -> ClassificationResult:
-        """Classify texts with a *ForSequenceClassification checkpoint.
+    def classify(self, texts: str | Sequence[str], *, text_pairs: str | Sequence[str] | None = None,
+                 batch_size: int = 64, truncate: bool = True, threshold: float = 0.5) -> ClassificationResult:
+        """Classify texts (or text pairs: text_pairs[i] is the second segment of texts[i]) with a
+        *ForSequenceClassification checkpoint.
 
         Softmax over the labels for single-label models; sigmoid per label for multi_label_classification
         (and single-logit) models, whose `labels` are those with score >= threshold; regression models
@@ -162,18 +166,23 @@ class Encoder:
                 f"{self.reference} is a {self.architecture} without a sequence classification head: it can "
                 f"{self._abilities()}; classify() needs a *ForSequenceClassification checkpoint")
         items, _ = _check_texts(texts)
+        pairs = None
+        if text_pairs is not None:
+            pairs, _ = _check_texts(text_pairs, "text_pairs")
+            if len(pairs) != len(items):
+                raise InvalidArgumentError(f"text_pairs has {len(pairs)} items for {len(items)} texts")
         _check_batch_size(batch_size)
         problem = self.config.problem_type
         if problem != "regression" and not self.config.labels_given:
-            raise ConfigError(f"{Path(self.source) / 'config.json'}: no id2label: classify() needs the label names "
-                              "(add \"id2label\": {\"0\": \"name\", ...} to config.json)")
+            raise ConfigError(f"{Path(self.model_dir) / 'config.json'}: no id2label: classify() needs the label "
+                              "names (add \"id2label\": {\"0\": \"name\", ...} to config.json)")
         if not 0 <= threshold <= 1:
             raise InvalidArgumentError(f"threshold must be in [0, 1], got {threshold!r}")
-        ids = self._tokenize(items, truncate)
+        ids, types = self._tokenize_with_types(items, truncate, pairs)
         logits = torch.empty(len(ids), self.config.num_labels, dtype=torch.float32)
-        for rows, batch, mask in self._batches(ids, batch_size):
+        for rows, batch, mask, type_ids in self._batches(ids, batch_size, types):
             with torch.inference_mode():
-                hidden = self._hidden_states(batch, mask)
+                hidden = self._hidden_states(batch, mask, type_ids)
                 logits[rows] = self.model.logits(hidden).float().cpu()
         names = self.config.id2label
         if problem == "regression":
@@ -185,6 +194,22 @@ class Encoder:
             return ClassificationResult(labels, scores, logits, "sigmoid")
         scores = torch.softmax(logits, dim=-1)
         return ClassificationResult([names[int(i)] for i in scores.argmax(dim=-1)], scores, logits, "softmax")
+
+    # ------------------------------------------------------------------------------ tokenizing for others
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether the model reads token_type_ids (BERT with segment embeddings; not RoBERTa or DistilBERT)."""
+        return getattr(self.config, "type_vocab_size", 1) > 1
+
+    def text_tokenizer(self, max_length: int | None) -> BackendTokenizer:
+        """A copy of the tokenizer exactly as embed()/classify() apply it (the directory's lowercasing, no
+        padding), truncating pairs longest-first to max_length tokens (None: no truncation). For training."""
+        backend = BackendTokenizer.from_str(self._backend.to_str())
+        if max_length is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(max_length)
+        return backend
 
     # ------------------------------------------------------------------------------ internals
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str:
@@ -211,36 +236,54 @@ class Encoder:
         return self._prompt_lengths[prompt]
 
     def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        encodings = self._backend.encode_batch(texts, add_special_tokens=True)
-        long = [i for i, e in enumerate(encodings) if e.overflowing]
+        return self._tokenize_with_types(texts, truncate)[0]
+
+    def _tokenize_with_types(self, texts: list[str], truncate: bool,
+                             pairs: list[str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids (and token type ids when the model uses them and pairs are given), truncated to
+        max_seq_length (a pair longest-first) with a warning, or refused with truncate=False."""
+        inputs: list[Any] = texts if pairs is None else list(zip(texts, pairs))
+        encodings = self._backend.encode_batch(inputs, add_special_tokens=True)
+        if pairs is None:
+            long = [i for i, e in enumerate(encodings) if e.overflowing]
+        else:  # a truncated pair's overflow is not reported reliably: compare with the full length
+            full = self.text_tokenizer(None).encode_batch(inputs, add_special_tokens=True)
+            long = [i for i, (e, f) in enumerate(zip(encodings, full)) if len(f.ids) > len(e.ids)]
         if long:
             if not truncate:
                 i = long[0]
-                full = len(self.tokenizer.backend.encode(texts[i]).ids)
+                n = len(self.text_tokenizer(None).encode(*([inputs[i]] if pairs is None else inputs[i])).ids)
                 raise InvalidArgumentError(
-                    f"texts[{i}] has {full} tokens, more than max_seq_length={self.max_seq_length} "
+                    f"texts[{i}] has {n} tokens, more than max_seq_length={self.max_seq_length} "
                     f"({len(long)} of {len(texts)} texts are too long); pass truncate=True to cut them")
             warnings.warn(f"{len(long)} of {len(texts)} texts are longer than max_seq_length={self.max_seq_length} "
                           "tokens and were truncated (truncate=False raises instead)", stacklevel=3)
-        return [e.ids for e in encodings]
+        types = [e.type_ids for e in encodings] if pairs is not None and self.uses_token_types else None
+        return [e.ids for e in encodings], types
 
-    def _batches(self, ids: list[list[int]], batch_size: int):
-        """(rows, input_ids (B, T), mask (B, T)) of texts sorted by length, each batch padded to its longest."""
+    def _batches(self, ids: list[list[int]], batch_size: int, types: list[list[int]] | None = None):
+        """(rows, input_ids (B, T), mask (B, T), token types (B, T) or None) of texts sorted by length, each
+        batch padded to its longest."""
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             length = max(len(ids[i]) for i in rows)
             batch = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
+            type_ids = None if types is None else torch.zeros((len(rows), length), dtype=torch.long)
             for r, i in enumerate(rows):
                 batch[r, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
                 mask[r, :len(ids[i])] = 1
-            yield torch.tensor(rows), batch.to(self.device), mask.to(self.device)
+                if type_ids is not None:
+                    type_ids[r, :len(ids[i])] = torch.tensor(types[i], dtype=torch.long)
+            yield (torch.tensor(rows), batch.to(self.device), mask.to(self.device),
+                   None if type_ids is None else type_ids.to(self.device))
 
-    def _hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The one call into the model (the encoder contract: hidden_states with a padding mask)."""
         with torch.inference_mode():
-            return self.model.hidden_states(input_ids, attention_mask=mask)
+            return self.model.hidden_states(input_ids, attention_mask=mask, token_type_ids=token_type_ids)
 
     def _abilities(self) -> str:
         can = "embed() and similarity()"
@@ -282,7 +325,7 @@ def is_encoder_dir(directory: str | Path) -> bool:
 
 
 def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu", fuse: bool = True) -> Encoder:
+                 device: str | torch.device = "cpu", fuse: bool = True, task: str | None = None) -> Encoder:
     """Load an encoder from a sentence-transformers or transformers directory.
 
     dtype: float32, bfloat16 or float16 (default: the checkpoint's; bfloat16 instead of float16 on CPU).
@@ -292,6 +335,9 @@ def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = Non
     A sentence-transformers directory loads its base model (as sentence-transformers does); a plain
     directory loads config.json's architecture (BertModel, *ForMaskedLM, *ForSequenceClassification,
     *ForTokenClassification of BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT).
+    task: build config.json's architecture only when its head serves this task (e.g. "sequence_classification"),
+    else the family's base model (the head's weights skipped, a pooler kept when the file has one): what a new
+    head goes on (add_classification_head).
     """
     from .loading import default_dtype, parse_dtype
 
@@ -310,6 +356,8 @@ def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = Non
                                     f"family (supported: {', '.join(sorted(ENCODER_FAMILIES))})")
     config = family.config_from_dict(data, source=str(config_file))
     arch = _architecture(family, config, layout, config_file)
+    if task is not None and family.ARCHITECTURES[arch][1] != task:
+        arch = _base_architecture(family)
     tensors = _read_weights(model_dir)
     if layout.is_sentence_transformers:
         pooling_file = next((p for p in sorted(root.glob("*/config.json")) if "Pooling" in p.parent.name), None)
@@ -332,17 +380,17 @@ def load_encoder(directory: str | Path, *, dtype: str | torch.dtype | None = Non
         logger.warning("%s: max_seq_length %d exceeds the model's %d positions; using %d",
                        model_dir / "sentence_bert_config.json", max_len, limit, limit)
         max_len = limit
-    task = family.ARCHITECTURES[arch][1]
-    return Encoder(model, tokenizer, config, task=task, layout=layout, max_seq_length=max_len, source=str(root),
-                   architecture=arch)
+    return Encoder(model, tokenizer, config, task=family.ARCHITECTURES[arch][1], layout=layout,
+                   max_seq_length=max_len, source=str(root), architecture=arch, model_dir=str(model_dir))
 
 
 def load_encoder_reference(reference: Any, *, dtype: Any = None, device: Any = "cpu", revision: str | None = None,
                            offline: bool | None = None, progress: bool | None = None, quantize: Any = None,
-                           compile: bool = False, huge_pages: Any = None) -> Encoder | None:
+                           compile: bool = False, huge_pages: Any = None, adapter: Any = None) -> Encoder | None:
     """leanformers.load()'s encoder branch: an Encoder when `reference` resolves to an encoder directory, else None.
 
-    The decoder-only options (quantize, compile, huge_pages) are refused for encoders.
+    The decoder-only options (quantize, compile, huge_pages) are refused for encoders. adapter: a PEFT LoRA
+    adapter directory applied on top (see load_encoder_adapter).
     """
     from .hub import resolve
 
@@ -353,20 +401,120 @@ def load_encoder_reference(reference: Any, *, dtype: Any = None, device: Any = "
              if value not in (None, False)]
     if given:
         raise InvalidArgumentError(f"{', '.join(given)} only apply to decoders; {resolved.reference!r} is an encoder")
-    encoder = load_encoder(resolved.path, dtype=dtype, device=device)
+    if adapter is not None:
+        encoder = load_encoder_adapter(resolved.path, adapter, dtype=dtype, device=device)
+    else:
+        encoder = load_encoder(resolved.path, dtype=dtype, device=device)
     encoder.reference = resolved.reference
     return encoder
+
+
+def load_encoder_adapter(directory: str | Path, adapter: str | Path, *, dtype: Any = None,
+                         device: Any = "cpu") -> Encoder:
+    """An encoder with a PEFT LoRA adapter on top (unfused projections, LoRA kept unmerged, as peft runs it).
+
+    A sequence-classification adapter (task_type SEQ_CLS) trained on a base model carries its head in
+    modules_to_save and the head's labels in classifier_config.json (written by leanformers.finetune);
+    the head is built from that file, then the adapter's weights fill it.
+    """
+    from .train.lora import CLASSIFIER_CONFIG, load_adapter, read_adapter_config
+
+    cfg = read_adapter_config(adapter)
+    classification = cfg.get("task_type") == "SEQ_CLS"
+    encoder = load_encoder(directory, dtype=dtype, device=device, fuse=False,
+                           task="sequence_classification" if classification else None)
+    head_file = Path(adapter) / CLASSIFIER_CONFIG
+    if classification and encoder.task != "sequence_classification":
+        if not head_file.is_file():
+            raise CheckpointError(f"{Path(adapter)}: a SEQ_CLS adapter over a base model needs {CLASSIFIER_CONFIG} "
+                                  "(the labels of its head); it is missing")
+        head = read_json(head_file, CheckpointError, "classifier config")
+        if not isinstance(head, dict) or not isinstance(head.get("id2label"), dict):
+            raise CheckpointError(f"{head_file}: expected an object with id2label")
+        try:
+            labels = {int(k): v for k, v in head["id2label"].items()}
+        except ValueError:
+            raise CheckpointError(f"{head_file}: id2label keys must be integers") from None
+        add_classification_head(encoder, labels, head.get("problem_type"), source=str(head_file))
+    load_adapter(encoder.model, adapter)
+    encoder.model.eval()
+    return encoder
+
+
+def sequence_classification_architecture(model_type: str) -> str:
+    """The HF class name of an encoder family's sequence classifier (BertForSequenceClassification, ...)."""
+    prefix = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+              "distilbert": "DistilBert"}[model_type]
+    return prefix + "ForSequenceClassification"
+
+
+@torch.no_grad()
+def add_classification_head(encoder: Encoder, id2label: dict[int, str], problem_type: str | None, *,
+                            source: str | None = None) -> list[str]:
+    """Put a new sequence-classification head on an encoder's base model, in place.
+
+    The head is the family's own (BERT: pooler + classifier; RoBERTa: classifier.dense + out_proj; DistilBERT:
+    pre_classifier + classifier) and is initialized as transformers initializes weights it does not find in a
+    checkpoint: every new linear's weight ~ normal(0, config.initializer_range), its bias 0 (a pooler the
+    checkpoint has is kept, as transformers loads it). Random numbers come from torch's global generator.
+    The config gets id2label / label2id / problem_type and the architecture name, so the model saves as an
+    AutoModelForSequenceClassification directory. Returns the names of the new (initialized) linear layers.
+    """
+    config = encoder.config
+    family = encoder_family(config.model_type)
+    arch = sequence_classification_architecture(config.model_type)
+    config_file = Path(encoder.model_dir) / "config.json"
+    data = {k: v for k, v in _read_config_json(config_file).items() if k != "num_labels"}
+    data.update(architectures=[arch], id2label={str(i): n for i, n in sorted(id2label.items())},
+                label2id={n: i for i, n in sorted(id2label.items())}, problem_type=problem_type)
+    new_config = family.config_from_dict(data, source=source or str(config_file))
+    base = encoder.model if encoder.task == "base" else getattr(encoder.model, family.BASE_PREFIX)
+    dtype, device = encoder.model.dtype, encoder.model.device
+    with torch.device("meta"):
+        model = family.build(new_config, arch)
+    wanted = getattr(getattr(model, family.BASE_PREFIX), "pooler", None)  # what the head reads
+    if wanted is None:
+        if getattr(base, "pooler", None) is not None:
+            base.pooler = None  # RoBERTa's head reads <s> itself; transformers builds no pooler under it
+    elif getattr(base, "pooler", None) is None:
+        base.pooler = wanted  # a checkpoint without a pooler: a new one, initialized below
+    base.config = new_config
+    setattr(model, family.BASE_PREFIX, base)
+    std = new_config.initializer_range
+    new: list[str] = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.is_meta for p in own):
+            continue
+        if not isinstance(module, nn.Linear):  # pragma: no cover - heads are linear layers
+            raise UnsupportedModelError(f"cannot initialize a new {type(module).__name__} in {arch}'s head")
+        module.to_empty(device=device, recurse=False)
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+        module.to(dtype)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        new.append(name)
+    model.eval()
+    encoder.model, encoder.config = model, new_config
+    encoder.task, encoder.architecture = "sequence_classification", arch
+    return new
 
 
 def _architecture(family: ModuleType, config: Any, layout: SentenceLayout, config_file: Path) -> str:
     """Which model class to build: the base model for sentence-transformers, else config.json's architecture."""
     arch = config.architecture
     if layout.is_sentence_transformers or arch is None:
-        return next(name for name, (_, task) in family.ARCHITECTURES.items() if task == "base")
+        return _base_architecture(family)
     if arch not in family.ARCHITECTURES:
         raise UnsupportedModelError(f"{config_file}: architecture {arch!r} is not supported "
                                     f"(supported: {', '.join(family.ARCHITECTURES)})")
     return arch
+
+
+def _base_architecture(family: ModuleType) -> str:
+    return next(name for name, (_, task) in family.ARCHITECTURES.items() if task == "base")
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -403,16 +551,16 @@ def _lowercases(normalizer: Any) -> bool:
     return False
 
 
-def _check_texts(texts: Any) -> tuple[list[str], bool]:
+def _check_texts(texts: Any, name: str = "texts") -> tuple[list[str], bool]:
     if isinstance(texts, str):
         return [texts], True
     if isinstance(texts, torch.Tensor) or not isinstance(texts, Sequence):
-        raise InvalidArgumentError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+        raise InvalidArgumentError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
     if len(texts) == 0:
-        raise InvalidArgumentError("texts is empty: pass at least one string")
+        raise InvalidArgumentError(f"{name} is empty: pass at least one string")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise InvalidArgumentError(f"texts[{i}] is a {type(t).__name__}, expected a string")
+            raise InvalidArgumentError(f"{name}[{i}] is a {type(t).__name__}, expected a string")
     return list(texts), False
 
 

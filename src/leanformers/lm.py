@@ -304,7 +304,8 @@ def load(
     from .encoder import load_encoder_reference
 
     encoder = load_encoder_reference(reference, dtype=dtype, device=device, revision=revision, offline=offline,
-                                     progress=progress, quantize=quantize, compile=compile, huge_pages=huge_pages)
+                                     progress=progress, quantize=quantize, compile=compile, huge_pages=huge_pages,
+                                     adapter=adapter)
     if encoder is not None:
         return encoder
     # --- end of the encoder block -----------------------------------------------------------------------

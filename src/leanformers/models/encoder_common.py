@@ -123,6 +123,7 @@ class EncoderConfigBase:
     pad_token_id: int | None = 0
     tie_word_embeddings: bool = True
     torch_dtype: str | None = None
+    initializer_range: float = 0.02  # std of transformers' normal init (a new classification head uses it)
     _source: dataclasses.InitVar[str] = "config.json"
     labels_given: bool = dataclasses.field(default=False, init=False, repr=False)  # id2label was in the file
 
@@ -170,6 +171,12 @@ class EncoderConfigBase:
             raise ConfigError(f"{source}: torch_dtype must be a string, got {self.torch_dtype!r}")
         if self.pad_token_id is not None:
             check_int(self.pad_token_id, "pad_token_id", source, minimum=0)
+        if self.initializer_range is None:  # transformers falls back to 0.02 too
+            self.initializer_range = 0.02
+        if (not isinstance(self.initializer_range, (int, float)) or isinstance(self.initializer_range, bool)
+                or not (self.initializer_range > 0 and math.isfinite(self.initializer_range))):
+            raise ConfigError(f"{source}: initializer_range must be a positive number, got "
+                              f"{self.initializer_range!r}")
         check_bool(self.tie_word_embeddings, "tie_word_embeddings", source)
 
 
@@ -399,24 +406,32 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 # --------------------------------------------------------------------------------------------- training
 
+def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torch.Tensor) -> str:
+    """transformers' rule when config.problem_type is None: regression for one label, else by the labels' dtype."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None,
-                        num_labels: int) -> torch.Tensor:
+                        num_labels: int, reduction: str = "mean") -> torch.Tensor:
     """The loss transformers' *ForSequenceClassification uses (problem_type inferred the same way when None).
 
     regression: MSE (logits squeezed when num_labels == 1); single_label_classification: cross-entropy
     over class ids; multi_label_classification: BCE-with-logits over 0/1 (float) label vectors.
+    reduction "sum" gives the sum of the terms the mean averages; there are labels.numel() of them in each
+    case (examples for cross-entropy, label entries for BCE and MSE), which the training loop divides by
+    over a whole optimizer step.
     """
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    problem_type = resolve_problem_type(problem_type, num_labels, labels)
     if problem_type == "regression":
         if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels.to(logits.dtype))
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype), reduction=reduction)
+        return F.mse_loss(logits, labels.to(logits.dtype), reduction=reduction)
     if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), reduction=reduction)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction=reduction)

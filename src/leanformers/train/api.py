@@ -3,6 +3,10 @@
     result = leanformers.finetune("smollm2-135m-instruct", data="train.jsonl", output_dir="out/",
                                   method="lora", lora_r=16, lora_alpha=32, max_steps=100)
     result.output_dir, result.steps, result.loss, result.eval_loss
+    leanformers.finetune("./bert-dir", task="classification", data="labels.jsonl", output_dir="out/")
+
+task="causal-lm" (the default) trains decoders on text; task="classification" trains an encoder's sequence
+classifier (train/classification.py). Each refuses the other kind of model before anything loads.
 
 Everything that can be checked before the model loads is: the options, the output directory (a previous
 run is refused without resume/overwrite, and nothing is deleted before the model and data are ready),
@@ -34,7 +38,8 @@ from .optim import Precision
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("metrics.jsonl", "finetune_args.json", "adapter_config.json", "adapter_model.safetensors",
-             "config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json")
+             "config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
+             "classifier_config.json")
 
 
 @dataclass
@@ -49,6 +54,7 @@ class FinetuneResult:
     tokens: int  # non-padding tokens trained on
     metrics: Path  # metrics.jsonl
     checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+    eval_metrics: dict[str, float] | None = None  # the last evaluation: eval_loss (+ eval_accuracy / eval_micro_f1)
 
 
 def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> FinetuneResult:
@@ -71,11 +77,32 @@ def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> Finet
             raise InvalidArgumentError(
                 f"{out}: holds a previous run ({', '.join(previous[:4])}); pass resume=True (--resume) to continue "
                 "it or overwrite=True (--overwrite) to replace it")
-    records = read_records(args.data)
-    eval_records = read_records(args.eval_data) if args.eval_data else None
+    classification = args.task == "classification"
+    if classification:
+        from .classification import finetune_classification, read_classification_records
+
+        records = read_classification_records(args.data)
+        eval_records = read_classification_records(args.eval_data) if args.eval_data else None
+    else:
+        records = read_records(args.data)
+        eval_records = read_records(args.eval_data) if args.eval_data else None
     device = torch.device(args.device)
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     mode = args.resolved_precision(device.type, bf16_ok)
+    encoder_dir, adapter = _encoder_dir(args.model)
+    if classification:
+        if adapter is not None:
+            raise InvalidArgumentError(f"{args.model}: an adapter directory; task classification starts from a "
+                                       "model directory (fine-tune its base, or the model the adapter was merged into)")
+        if encoder_dir is None:
+            raise InvalidArgumentError(
+                f"task classification (--task classification) trains an encoder's classifier (BERT, RoBERTa, "
+                f"XLM-RoBERTa, DistilBERT); {args.model!r} is not an encoder: fine-tune a decoder without --task")
+        return finetune_classification(args, out, ckpt, encoder_dir, records, eval_records, mode)
+    if encoder_dir is not None:
+        raise InvalidArgumentError(
+            f"{args.model!r} is an encoder: task {args.task} (--task {args.task}, the default) trains decoders "
+            "(causal language models); for a classifier pass task='classification' (--task classification)")
 
     # ---- model
     lm = _load_base(args, mode)
@@ -130,7 +157,7 @@ def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> Finet
     else:
         write_adapter(out)
     return FinetuneResult(out, args.method, result.steps, result.loss, result.eval_loss, result.tokens,
-                          out / "metrics.jsonl", result.checkpoint)
+                          out / "metrics.jsonl", result.checkpoint, eval_metrics=result.eval_metrics)
 
 
 def _load_base(args: FinetuneArgs, mode: str):
@@ -146,6 +173,18 @@ def _load_base(args: FinetuneArgs, mode: str):
     else:
         dtype = "float32"
     return load(args.model, dtype=dtype, device=args.device, progress=False)
+
+
+def _encoder_dir(model: str) -> tuple[Path | None, str | None]:
+    """(the model directory when `model` resolves to an encoder checkpoint, else None; the adapter directory
+    when `model` is one)."""
+    from ..encoder import is_encoder_dir
+    from ..hub import resolve
+    from .lora import adapter_base
+
+    reference, adapter = adapter_base(model)
+    resolved = resolve(reference, progress=False)
+    return (Path(resolved.path) if resolved.kind == "dir" and is_encoder_dir(resolved.path) else None), adapter
 
 
 def _previous_run(out: Path) -> list[str]:

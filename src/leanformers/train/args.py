@@ -15,6 +15,8 @@ from typing import Any, Callable
 from ..errors import InvalidArgumentError
 
 METHODS = ("full", "lora", "qlora")
+TASKS = ("causal-lm", "classification")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 SCHEDULES = ("cosine", "linear", "constant")
 LOGGERS = ("none", "tensorboard")
@@ -31,6 +33,9 @@ class FinetuneArgs:
     data: str
     output_dir: str
     eval_data: str | None = None
+    task: str = "causal-lm"  # or "classification": an encoder's sequence classifier (train/classification.py)
+    labels: str | list[str] | None = None  # classification: label names in id order, for a model without a head
+    problem_type: str | None = None  # classification: default the checkpoint's, else from the data
     method: str = "lora"
     lora_r: int = 16
     lora_alpha: float = 32
@@ -94,6 +99,33 @@ class FinetuneArgs:
                 raise bad(name, "a non-empty path or name")
         if self.method not in METHODS:
             raise bad("method", f"one of {', '.join(METHODS)}")
+        if self.task not in TASKS:
+            raise bad("task", f"one of {', '.join(TASKS)}")
+        if self.task == "classification":
+            if self.method == "qlora":
+                raise InvalidArgumentError("method qlora (--method qlora) trains over a quantized decoder; for "
+                                           "task classification use method full or lora")
+            if self.packing:
+                raise InvalidArgumentError("packing (--packing) does not apply to task classification: each "
+                                           "example is one row, padded per batch to its longest")
+            if isinstance(self.labels, str):
+                self.labels = [t.strip() for t in self.labels.split(",")]
+            if self.labels is not None and (not isinstance(self.labels, (list, tuple)) or not self.labels
+                                            or not all(isinstance(t, str) and t for t in self.labels)):
+                raise bad("labels", "label names (a list, or comma-separated)")
+            if self.labels is not None:
+                self.labels = list(self.labels)
+                dup = sorted({t for t in self.labels if self.labels.count(t) > 1})
+                if dup:
+                    raise InvalidArgumentError(f"labels (--labels) names {dup} more than once")
+            if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+                raise bad("problem_type", f"one of {', '.join(PROBLEM_TYPES)}")
+        else:
+            for name in ("labels", "problem_type"):
+                if getattr(self, name) is not None:
+                    flag = "--" + name.replace("_", "-")
+                    raise InvalidArgumentError(f"{name} ({flag}) only applies to task='classification' "
+                                               "(--task classification)")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"one of {', '.join(PRECISIONS)}")
         if self.lr_schedule not in SCHEDULES:

@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -74,8 +74,12 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_records(path: str | Path) -> list[Record]:
-    """Parse and validate a data file without tokenizing (so bad data fails before a model loads)."""
+def read_records(path: str | Path, *, item_kind: Callable[[Any, str], str] | None = None) -> list[Record]:
+    """Parse and validate a data file without tokenizing (so bad data fails before a model loads).
+
+    item_kind(item, where) -> kind: checks one JSON record and names its format (default: the language-model
+    formats); with another one (classification), .txt files are refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
@@ -86,6 +90,9 @@ def read_records(path: str | Path) -> list[Record]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror}") from None
     suffix = path.suffix.lower()
+    kind = item_kind or _kind
+    if suffix == ".txt" and item_kind is not None:
+        raise DataError(f"{path}: a .txt file has no labels; use .jsonl or .json records")
     if suffix == ".txt":
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
@@ -102,7 +109,7 @@ def read_records(path: str | Path) -> list[Record]:
             raise DataError(f"{path}: a .json data file must hold a list of objects (or {{\"data\": [...]}})")
         for i, item in enumerate(items):
             where = f"{path}[{i}]"
-            records.append(Record(_kind(item, where), item, where))
+            records.append(Record(kind(item, where), item, where))
     elif suffix in (".jsonl", ".ndjson"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -112,7 +119,7 @@ def read_records(path: str | Path) -> list[Record]:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            records.append(Record(_kind(item, where), item, where))
+            records.append(Record(kind(item, where), item, where))
     else:
         raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .txt")
     if not records:
@@ -326,12 +333,24 @@ class Dataset:
         for m in range(first, min(first + self.grad_accum, -(-len(order) // per))):
             idx = order[m * per : (m + 1) * per][rank * self.batch_size : (rank + 1) * self.batch_size]
             if idx:
-                out.append(collate([self.rows[i] for i in idx], self.pad_id))
+                out.append(self.collate([self.rows[i] for i in idx]))
         return out
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(0, len(self.rows), self.batch_size):
-            yield collate(self.rows[i : i + self.batch_size], self.pad_id)
+            yield self.collate(self.rows[i : i + self.batch_size])
+
+    # what a batch holds: the causal LM's; a classification dataset (classification.py) overrides these
+    def collate(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id)
+
+    def targets_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Terms of the loss in `batch` (the loop divides a step's summed loss by their number): predicted tokens."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Non-padding tokens in `batch` (for tokens and tokens/s in the metrics)."""
+        return int((batch["segments"] != 0).sum())
 
     @property
     def n_tokens(self) -> int:

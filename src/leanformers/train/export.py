@@ -1,5 +1,10 @@
 """Write a fine-tuned model as a Hugging Face directory that transformers and leanformers both load.
 
+Encoders (save_encoder_pretrained): the source config.json with the classifier's architecture, labels and
+problem_type, model.safetensors, and the source directory's tokenizer files (model_max_length set to the
+length the model was trained and runs with); no sentence-transformers files, so the directory loads as the
+*ForSequenceClassification it is.
+
 config.json is written from the model's config (so a GGUF base gets one too), the weights as
 model.safetensors (sharded with model.safetensors.index.json above `max_shard_size`), the tokenizer as the
 source directory's files or, for a GGUF base, tokenizer.json written from the tokenizers backend plus a
@@ -128,4 +133,41 @@ def save_pretrained(model: nn.Module, config: Any, tokenizer: Any, directory: st
         eos = tokenizer.eos_token_ids or config.eos_token_ids
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return directory
+
+
+def save_encoder_pretrained(encoder: Any, directory: str | Path, *, max_shard_size: int | None = None) -> Path:
+    """An AutoModelForSequenceClassification (or other encoder) directory of a leanformers Encoder."""
+    from ..files import read_json
+    from ..errors import CheckpointError
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = Path(encoder.model_dir)
+    model, config = encoder.model, encoder.config
+    state = unwrap_state_dict(model)
+    tied = model.tied_weights() if hasattr(model, "tied_weights") else {}
+    for name in tied:  # a tied head is not stored: transformers ties it on load
+        state.pop(name, None)
+    dtype = next(iter(state.values())).dtype
+    data = dict(read_json(source / "config.json", CheckpointError, "config"))
+    data.pop("num_labels", None)  # id2label says it
+    data["dtype" if "dtype" in data else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    data["architectures"] = [encoder.architecture]
+    if encoder.task == "sequence_classification":
+        data.update(id2label={str(i): n for i, n in sorted(config.id2label.items())},
+                    label2id={n: i for i, n in sorted(config.id2label.items())}, problem_type=config.problem_type)
+    (directory / "config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    save_weights(state, directory, max_shard_size or DEFAULT_MAX_SHARD)
+    for name in (*TOKENIZER_FILES, "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+    if encoder.lowercase_added or not (source / "tokenizer.json").is_file():
+        # sentence-transformers' do_lower_case (applied on load) written into tokenizer.json itself
+        encoder.text_tokenizer(None).save(str(directory / "tokenizer.json"))
+    cfg_path = directory / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {
+        "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg["model_max_length"] = encoder.max_seq_length
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     return directory

@@ -7,7 +7,11 @@
 micro-batch's sum by the number of targets in the whole optimizer step (all accumulated micro-batches),
 so a step's gradient is that of the token-mean loss over the step, however the rows are split (transformers'
 Trainer does the same with `num_items_in_batch`). Any model and loss fit: a classifier's cross-entropy as
-well as the causal LM's.
+well as the causal LM's. The dataset says what a batch holds: `collate(rows)`, `targets_in(batch)` (the loss
+terms) and `tokens_in(batch)` (non-padding tokens, for the metrics).
+
+Evaluation: by default the target-mean loss over the eval set (`eval_loss`); an `evaluator(model, batches)`
+returns that and more (a classifier's `eval_accuracy` or `eval_micro_f1`), all logged with the step.
 
 Each optimizer step appends one line to `metrics.jsonl` (step, epoch, loss, lr, grad_norm, tokens,
 tokens_per_s, eval_loss on evaluation steps), updates a tqdm bar on a terminal and, with
@@ -26,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,6 +42,8 @@ from .data import Dataset
 from .optim import Precision, make_optimizer, make_scheduler
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], "tuple[torch.Tensor, int]"]
+# evaluator(model, batches on the device, autocast context factory) -> {"eval_loss": ..., other "eval_*" scores}
+Evaluator = Callable[[nn.Module, Iterable[dict[str, torch.Tensor]], Callable[[], Any]], "dict[str, float]"]
 
 
 class TrainingError(LeanformersError, RuntimeError):
@@ -52,15 +58,17 @@ class LoopResult:
     tokens: int
     interrupted: bool = False
     checkpoint: Path | None = None
+    eval_metrics: dict[str, float] | None = None  # the last evaluation's eval_* values
 
 
 class TrainLoop:
     def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, args: FinetuneArgs, precision: Precision,
                  output_dir: Path, *, eval_dataset: Dataset | None = None,
-                 save_extra: Callable[[Path], None] | None = None, resume_hint: str = ""):
+                 save_extra: Callable[[Path], None] | None = None, resume_hint: str = "",
+                 evaluator: Evaluator | None = None):
         self.model, self.loss_fn, self.data, self.args = model, loss_fn, dataset, args
         self.precision, self.output_dir, self.eval_data = precision, output_dir, eval_dataset
-        self.save_extra, self.resume_hint = save_extra, resume_hint
+        self.save_extra, self.resume_hint, self.evaluator = save_extra, resume_hint, evaluator
         self.params = [p for p in model.parameters() if p.requires_grad]
         if args.max_steps is not None:
             self.total_steps = args.max_steps
@@ -109,20 +117,22 @@ class TrainLoop:
         tb = self._tensorboard()
         bar = self._bar()
         old_handler = self._install_sigint()
-        loss = eval_loss = None
+        loss = eval_loss = scores = None
         try:
             while self.step < self.total_steps:
                 row = self._train_step()
                 loss = row["loss"]
                 every = self.args.eval_every
                 if self.eval_data is not None and ((every and self.step % every == 0) or self.step == self.total_steps):
-                    row["eval_loss"] = eval_loss = self.evaluate()
+                    scores = self.evaluate()
+                    row.update(scores)
+                    eval_loss = scores["eval_loss"]
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 if tb is not None:
                     for k, v in row.items():
                         if k != "step":
-                            tb.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/loss", v, self.step)
+                            tb.add_scalar(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}", v, self.step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
@@ -144,13 +154,13 @@ class TrainLoop:
                 tb.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-        return LoopResult(self.step, loss, eval_loss, self.tokens, checkpoint=self._last_ckpt)
+        return LoopResult(self.step, loss, eval_loss, self.tokens, checkpoint=self._last_ckpt, eval_metrics=scores)
 
     def _train_step(self) -> dict[str, Any]:
         epoch, in_epoch = divmod(self.step, self.data.steps_per_epoch)
         batches = self.data.step_batches(epoch, in_epoch)
-        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        n_tokens = sum(int((b["segments"] != 0).sum()) for b in batches)
+        n_targets = sum(self.data.targets_in(b) for b in batches)
+        n_tokens = sum(self.data.tokens_in(b) for b in batches)
         lr = self.scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
         total = 0.0
@@ -183,20 +193,23 @@ class TrainLoop:
                 "tokens": self.tokens, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-mean loss over the whole eval set."""
+    def evaluate(self) -> dict[str, float]:
+        """{"eval_loss": target-mean loss over the whole eval set} (the evaluator's scores, when one was given)."""
         self.model.eval()
-        total, count = 0.0, 0
+        device = self.precision.device
+        batches = ({k: v.to(device) for k, v in b.items()} for b in self.eval_data.eval_batches())
         try:
-            for b in self.eval_data.eval_batches():
-                b = {k: v.to(self.precision.device) for k, v in b.items()}
+            if self.evaluator is not None:
+                return self.evaluator(self.model, batches, self.precision.autocast)
+            total, count = 0.0, 0
+            for b in batches:
                 with self.precision.autocast():
                     loss_sum, n = self.loss_fn(self.model, b)
                 total += float(loss_sum)
                 count += n
+            return {"eval_loss": total / max(1, count)}
         finally:
             self.model.train()
-        return total / max(1, count)
 
     # ------------------------------------------------------------------------------ helpers
     def _install_sigint(self):

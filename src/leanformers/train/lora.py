@@ -10,6 +10,10 @@ whose full name equals a target or ends with "." + target; "all-linear" means ev
 output layer (lm_head). Fused projections (qkv_proj, gate_up_proj) are never targets: training runs on
 the unfused modules, and `fuse_projections()` leaves LoRA-wrapped modules alone.
 
+Sequence classifiers (task_type SEQ_CLS) train their head whole, as PEFT's `modules_to_save`: its tensors are
+saved under their own names (`base_model.model.classifier.weight`), LoRA never wraps a linear inside it, and
+classifier_config.json holds the head's labels (PEFT has no field for them).
+
 Quantized bases (Int8Linear, Int4Linear) are frozen: `_FrozenQuantLinear` runs their kernel forward and, in
 backward, multiplies the output gradient with the dequantized weight, rebuilt per call and dropped again,
 so no float copy of a weight is kept between forward and backward.
@@ -36,6 +40,7 @@ except ImportError:  # pragma: no cover
 LINEAR_TYPES = (nn.Linear, Int8Linear, Int4Linear)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CLASSIFIER_CONFIG = "classifier_config.json"  # a SEQ_CLS adapter's head labels (see save_adapter)
 PEFT_PREFIX = "base_model.model."
 
 
@@ -181,10 +186,21 @@ def check_lora_args(r: Any, alpha: Any, dropout: Any) -> None:
 
 
 def apply_lora(model: nn.Module, *, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-               target_modules: str | Iterable[str] = "all-linear", dtype: torch.dtype = torch.float32) -> list[str]:
-    """Wrap the target linears in LoraLinear, in place; freeze everything else. Returns the short names."""
+               target_modules: str | Iterable[str] = "all-linear", dtype: torch.dtype = torch.float32,
+               exclude: Iterable[str] = ()) -> list[str]:
+    """Wrap the target linears in LoraLinear, in place; freeze everything else. Returns the short names.
+
+    exclude: module names whose linears (themselves and everything under them) are never wrapped, as PEFT
+    leaves its modules_to_save alone.
+    """
     check_lora_args(r, alpha, dropout)
     chosen, short = resolve_targets(model, target_modules)
+    exclude = tuple(exclude)
+    if exclude:
+        chosen = [n for n in chosen if not any(n == e or n.startswith(e + ".") for e in exclude)]
+        if not chosen:
+            raise InvalidArgumentError(f"target_modules: every match is inside a trained head ({', '.join(exclude)})")
+        short = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -207,31 +223,53 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 # ------------------------------------------------------------------------------------ PEFT files
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key names -> LoRA weights (contiguous copies)."""
+def modules_to_save_names(model: nn.Module, entries: Iterable[str] | None) -> list[str]:
+    """Full names of the modules PEFT's modules_to_save entries select: names ending with an entry (PEFT's rule,
+    so "classifier" also selects DistilBERT's pre_classifier), outermost only, never inside a LoRA layer."""
+    entries = [e for e in (entries or []) if isinstance(e, str) and e]
+    hits = [n for n, _ in model.named_modules() if n and not _inside_lora(n) and any(n.endswith(e) for e in entries)]
+    return [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+
+
+def adapter_state(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """PEFT key names -> LoRA weights and the whole tensors of the modules_to_save modules (contiguous copies)."""
     out = {}
     for name, mod in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight.detach().contiguous().clone()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight.detach().contiguous().clone()
+    for name in modules_to_save:
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().clone()
     return out
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r: int, alpha: float,
-                 dropout: float, target_modules: list[str]) -> None:
-    """adapter_config.json + adapter_model.safetensors in PEFT's format."""
+                 dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
+                 modules_to_save: list[str] | None = None, head_config: dict[str, Any] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors in PEFT's format.
+
+    modules_to_save: full module names trained whole (a classifier's head), saved as PEFT saves them
+    (`base_model.model.classifier.weight`). head_config: for a SEQ_CLS adapter, written to
+    classifier_config.json: the keyword arguments (num_labels, id2label, label2id, problem_type) with which
+    `AutoModelForSequenceClassification.from_pretrained(base, **head_config)` builds the head the adapter
+    fills, and from which leanformers.load(adapter_dir) builds it.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(target_modules),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None, "use_rslora": False,
+        "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "revision": None,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if head_config is not None:
+        (directory / CLASSIFIER_CONFIG).write_text(json.dumps(head_config, indent=2, ensure_ascii=False) + "\n")
+    save_file(adapter_state(model, modules_to_save or ()), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -250,8 +288,13 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
             raise CheckpointError(f"{path}: {key}=true is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise CheckpointError(f"{path}: adapters with trained biases or modules_to_save are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: adapters with trained biases are not supported")
+    mts = cfg.get("modules_to_save")
+    if mts and cfg.get("task_type") != "SEQ_CLS":  # a classifier's head; other trained modules are not supported
+        raise CheckpointError(f"{path}: modules_to_save is only supported for task_type SEQ_CLS (a classifier's head)")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        raise CheckpointError(f"{path}: modules_to_save must be a list of module names, got {mts!r}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise CheckpointError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -277,12 +320,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: cannot read: {exc}") from None
     targets = cfg["target_modules"]
+    # PEFT adds the classifier names to a SEQ_CLS adapter's modules_to_save when it loads one; so do we
+    saved = modules_to_save_names(model, [*(cfg.get("modules_to_save") or []),
+                                          *(("classifier", "score") if cfg.get("task_type") == "SEQ_CLS" else ())])
     try:
-        apply_lora(model, r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=0.0, target_modules=targets)
+        apply_lora(model, r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=0.0, target_modules=targets,
+                   exclude=saved)
     except InvalidArgumentError as exc:
         raise CheckpointError(f"{directory / ADAPTER_CONFIG}: {exc}") from None
-    expected = adapter_state(model)
     names = {_strip_adapter_name(k): v for k, v in state.items()}
+    expected = adapter_state(model, [n for n in saved if any(k.startswith(f"{PEFT_PREFIX}{n}.") for k in names)])
     missing = [k for k in expected if k not in names]
     extra = [k for k in names if k not in expected]
     if missing or extra:
@@ -297,12 +344,22 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, Any]:
                     raise CheckpointError(f"{weights}: {name}.{part} has shape {list(t.shape)}, "
                                           f"expected {list(layer.weight.shape)}")
                 layer.weight = nn.Parameter(t.to(layer.weight.device), requires_grad=False)
+        for key, t in names.items():  # whole modules (a classifier's head): into the existing parameters
+            if ".lora_A." in key or ".lora_B." in key:
+                continue
+            param = model.get_parameter(key[len(PEFT_PREFIX):])
+            if t.shape != param.shape:
+                raise CheckpointError(f"{weights}: {key} has shape {list(t.shape)}, the model's is "
+                                      f"{list(param.shape)} (other labels than the model's head?)")
+            param.copy_(t)
     return cfg
 
 
 def _strip_adapter_name(key: str) -> str:
-    """PEFT writes keys without the adapter name; tolerate `.lora_A.default.weight` too."""
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    """PEFT writes keys without the adapter name; tolerate `.lora_A.default.` and a modules_to_save wrapper's
+    `.modules_to_save.default.` too."""
+    key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    return key.replace(".modules_to_save.default.", ".")
 
 
 # ------------------------------------------------------------------------------------ merge
