@@ -208,8 +208,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r: int, alpha: float,
-                 dropout: float, target_modules: list[str]) -> None:
-    """adapter_config.json + adapter_model.safetensors in PEFT's format."""
+                 dropout: float, target_modules: list[str], state: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors in PEFT's format (the weights: `state`, PEFT keys ->
+    tensors, when given, e.g. gathered from sharded parameters; else the model's own LoRA weights)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -222,7 +223,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r:
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_state(model) if state is None else state, str(directory / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:

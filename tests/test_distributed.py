@@ -1,0 +1,141 @@
+"""Distributed fine-tuning (issue 13): torchrun with 2 processes over gloo on CPU against 1 process.
+
+Every multi-process run is a `torch.distributed.run --standalone` subprocess with a timeout, 1 thread per
+process; the references are 1-process runs of the same global batch (batch x grad-accum x world size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leanformers
+from finetune_utils import metrics, write_text_data
+from leanformers.errors import InvalidArgumentError
+
+SRC = str(Path(leanformers.__file__).parents[1])
+TIMEOUT = 180  # seconds any one launch may take before the test fails (no hangs)
+
+# a torchrun worker: leanformers.finetune with JSON options, per-rank overrides and fault hooks
+WORKER = r"""
+import json, os, signal, sys, time
+import torch
+torch.set_num_threads(1)
+import leanformers
+model, data, out, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+hooks = opts.pop("_hooks", {})
+opts.update(opts.pop(f"_rank{rank}", {}))
+data = opts.pop("data", data)
+
+def callback(row):
+    if hooks.get("kill_rank") == rank and hooks.get("kill_at") == row["step"] and restart == 0:
+        os.kill(os.getpid(), signal.SIGKILL)   # a worker dies: no cleanup
+    if hooks.get("sleep_rank") == rank and hooks.get("sleep_at") == row["step"]:
+        time.sleep(hooks["sleep_s"])           # a worker hangs
+
+leanformers.finetune(model, data=data, output_dir=out, callback=callback, **opts)
+"""
+
+COMMON = dict(method="full", seq_len=48, precision="fp32", lr=2e-3, warmup_steps=2, weight_decay=0.01, seed=7,
+              save_every=None)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def torchrun(tmp: Path, nproc: int, model: Path, data: Path, out: Path, opts: dict, *,
+             max_restarts: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch WORKER on `nproc` processes (torchrun --standalone); fails the test on error unless check=False."""
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", str(max_restarts), str(script), str(model), str(data), str(out), json.dumps(opts)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun exited {p.returncode}:\n{p.stderr[-6000:]}")
+    return p
+
+
+def single(model: Path, data: Path, out: Path, **opts):
+    """The same run in this process (no torchrun)."""
+    torch.set_num_threads(1)
+    return leanformers.finetune(str(model), data=str(data), output_dir=str(out), **opts)
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in metrics(out)]
+
+
+def assert_close(a: list[float], b: list[float], tol: float = 1e-5) -> None:
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= tol, (a, b)
+
+
+def weights(out: Path, method: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")))
+
+
+def assert_same_weights(a: Path, b: Path, method: str, tol: float = 1e-5) -> None:
+    wa, wb = weights(a, method), weights(b, method)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert wa[k].shape == wb[k].shape, k
+        assert (wa[k].float() - wb[k].float()).abs().max().item() <= tol, k
+
+
+# ------------------------------------------------------------------------------------ parity
+@pytest.mark.slow
+def test_ddp_cli_matches_one_process(tiny_models, tmp_path):
+    """`leanformers finetune` under torchrun (DDP, 2 x batch 2) = 1 process batch 4: losses, weights, files."""
+    model = tiny_models["llama3"]
+    data = write_text_data(tmp_path / "train.jsonl", 37)  # 10 global micro-batches, the last one row: rank 1 idles
+    steps = 10
+    ref = single(model, data, tmp_path / "one", max_steps=steps, batch_size=4, **COMMON)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "leanformers",
+           "finetune", "-m", str(model), "--data", str(data), "--output", str(tmp_path / "two"), "--method", "full",
+           "--strategy", "ddp", "--max-steps", str(steps), "--batch-size", "2", "--seq-len", "48", "--precision",
+           "fp32", "--lr", "2e-3", "--warmup-steps", "2", "--weight-decay", "0.01", "--seed", "7"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-6000:]
+    two = tmp_path / "two"
+    rows = metrics(two)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # rank 0 alone writes: every step once
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in metrics(ref.output_dir)]  # every row, no overlap
+    assert_close(losses(two), losses(ref.output_dir))
+    assert_same_weights(two, ref.output_dir, "full")
+    assert (p.stdout + p.stderr).count("saved the model to") == 1  # rank 0 reports
+    assert "strategy DDP" in p.stderr and p.stderr.count("-> 37 rows") == 1  # rank-0 log
+    visible = lambda d: sorted(x.name for x in d.iterdir() if not x.name.startswith("."))  # noqa: E731
+    assert visible(two) == visible(ref.output_dir)  # the same files as one process writes
+    lm = leanformers.load(str(two))  # the output is an ordinary model directory
+    assert lm.config.vocab_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,method", [("fsdp", "full"), ("ddp", "lora"), ("fsdp", "lora")])
+def test_two_processes_match_one(tiny_models, tmp_path, strategy, method):
+    """DDP / FSDP, full / LoRA, with gradient accumulation: 2 x batch 2 x accum 2 = 1 x batch 4 x accum 2."""
+    model = tiny_models["llama3"]
+    data = write_text_data(tmp_path / "train.jsonl", 30)
+    steps = 10  # 4 steps per epoch: crosses epochs, the last step of each is short
+    opts = dict(COMMON, method=method, max_steps=steps, grad_accum=2)
+    if method == "lora":
+        opts.update(lr=5e-3, lora_r=4, lora_dropout=0.0)
+    ref = single(model, data, tmp_path / "one", batch_size=4, **opts)
+    two = tmp_path / "two"
+    torchrun(tmp_path, 2, model, data, two, dict(opts, batch_size=2, strategy=strategy))
+    assert [r["step"] for r in metrics(two)] == list(range(1, steps + 1))
+    assert_close(losses(two), losses(ref.output_dir))
+    assert_same_weights(two, ref.output_dir, method)
+    assert losses(two)[-1] < losses(two)[0]  # it learns
