@@ -26,14 +26,19 @@ TIMEOUT = 180  # seconds any one launch may take before the test fails (no hangs
 
 # a torchrun worker: leanformers.finetune with JSON options, per-rank overrides and fault hooks
 WORKER = r"""
-import json, os, signal, sys, time
+import json, logging, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 import leanformers
 model, data, out, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 hooks = opts.pop("_hooks", {})
-opts.update(opts.pop(f"_rank{rank}", {}))
+if hooks.get("chdir_rank") == rank:
+    os.chdir(hooks["chdir"])                   # this rank sees another filesystem (a relative --data is missing)
+mine = opts.get(f"_rank{rank}", {})
+opts = {k: v for k, v in opts.items() if not k.startswith("_rank")}
+opts.update(mine)
 data = opts.pop("data", data)
 
 def callback(row):
@@ -139,3 +144,111 @@ def test_two_processes_match_one(tiny_models, tmp_path, strategy, method):
     assert_close(losses(two), losses(ref.output_dir))
     assert_same_weights(two, ref.output_dir, method)
     assert losses(two)[-1] < losses(two)[0]  # it learns
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _resume_copy(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` to resume from its checkpoint-STEP."""
+    shutil.copytree(src, dst)
+    return dst / f"checkpoint-{step}"
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_fsdp_processes_resumes_in_one(tiny_models, tmp_path):
+    model = tiny_models["llama3"]
+    data = write_text_data(tmp_path / "train.jsonl", 24)
+    opts = dict(COMMON, max_steps=10, save_every=5)
+    two = tmp_path / "two"
+    torchrun(tmp_path, 2, model, data, two, dict(opts, batch_size=2, strategy="fsdp"))
+    ckpt = two / "checkpoint-5"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch"] == 4 and state["format"] == "torch.distributed.checkpoint"
+    assert (ckpt / ".metadata").is_file() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+
+    resumed = tmp_path / "resumed"
+    ckpt = _resume_copy(two, resumed, 5)
+    # another global batch cannot carry the data position over: refused before the model loads, naming it
+    with pytest.raises(InvalidArgumentError, match="global batch of 4 rows"):
+        single(model, data, resumed, **dict(opts, batch_size=2, resume=str(ckpt)))
+    single(model, data, resumed, **dict(opts, batch_size=4, resume=str(ckpt)))  # no torchrun: a world of one
+    rows = metrics(resumed)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert_close(losses(resumed), losses(two))
+    assert_same_weights(resumed, two, "full")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_in_two(tiny_models, tmp_path):
+    """A run under torchrun with 1 process (LoRA) resumed by 2 DDP processes."""
+    model = tiny_models["llama3"]
+    data = write_text_data(tmp_path / "train.jsonl", 24)
+    opts = dict(COMMON, method="lora", lr=5e-3, lora_r=4, lora_dropout=0.0, max_steps=10, save_every=5)
+    one = tmp_path / "one"
+    torchrun(tmp_path, 1, model, data, one, dict(opts, batch_size=4))
+    ckpt = one / "checkpoint-5"
+    assert (ckpt / "adapter_model.safetensors").is_file()  # a usable PEFT adapter inside the checkpoint
+    resumed = tmp_path / "resumed"
+    ckpt = _resume_copy(one, resumed, 5)
+    torchrun(tmp_path, 2, model, data, resumed, dict(opts, batch_size=2, strategy="ddp", resume=str(ckpt)))
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, 11))
+    assert_close(losses(resumed), losses(one))
+    assert_same_weights(resumed, one, "lora")
+
+
+# ------------------------------------------------------------------------------------ elastic
+@pytest.mark.slow
+def test_killed_worker_restarts_and_every_step_is_logged_once(tiny_models, tmp_path):
+    model = tiny_models["llama3"]
+    data = write_text_data(tmp_path / "train.jsonl", 24)
+    opts = dict(COMMON, max_steps=10, save_every=3)
+    ref = single(model, data, tmp_path / "one", batch_size=4, **opts)
+    out = tmp_path / "elastic"
+    p = torchrun(tmp_path, 2, model, data, out, dict(opts, batch_size=2, strategy="ddp",
+                                                       _hooks={"kill_rank": 1, "kill_at": 7}), max_restarts=1)
+    # it did die and restart, from checkpoint-6
+    assert "torchrun restart 1: continuing from the newest checkpoint" in p.stderr, p.stderr[-4000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 11))
+    assert_close(losses(out), losses(ref.output_dir))
+    assert_same_weights(out, ref.output_dir, "full")
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_strategy_without_torchrun_is_refused(tiny_models, tmp_path):
+    data = write_text_data(tmp_path / "train.jsonl", 4)
+    with pytest.raises(InvalidArgumentError, match="--strategy fsdp.*torchrun"):
+        single(tiny_models["llama3"], data, tmp_path / "out", strategy="fsdp", max_steps=1)
+    with pytest.raises(InvalidArgumentError, match="strategy"):
+        single(tiny_models["llama3"], data, tmp_path / "out", strategy="zero3", max_steps=1)
+
+
+@pytest.mark.slow
+def test_rank_that_cannot_read_the_data_is_reported_by_rank_0(tiny_models, tmp_path, monkeypatch):
+    data = write_text_data(tmp_path / "train.jsonl", 8)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)  # the workers inherit it: "train.jsonl" is there for rank 0, not for rank 1
+    p = torchrun(tmp_path, 2, tiny_models["llama3"], Path("train.jsonl"), tmp_path / "out",
+                 dict(COMMON, max_steps=2, batch_size=2, _hooks={"chdir_rank": 1, "chdir": str(elsewhere)}), check=False)
+    assert p.returncode != 0
+    assert "reading the data and loading the model failed on 1 of 2 ranks: rank 1" in p.stderr, p.stderr[-4000:]
+    assert "train.jsonl" in p.stderr
+
+
+@pytest.mark.slow
+def test_different_data_across_ranks_is_refused(tiny_models, tmp_path):
+    data = write_text_data(tmp_path / "train.jsonl", 8)
+    other = write_text_data(tmp_path / "other.jsonl", 8, seed=1)
+    p = torchrun(tmp_path, 2, tiny_models["llama3"], data, tmp_path / "out",
+                 dict(COMMON, max_steps=2, batch_size=2, _rank1={"data": str(other)}), check=False)
+    assert p.returncode != 0
+    assert "comparing the options of the ranks: rank 1 differs from rank 0: data:" in p.stderr, p.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_with_a_clear_error(tiny_models, tmp_path):
+    data = write_text_data(tmp_path / "train.jsonl", 16)
+    p = torchrun(tmp_path, 2, tiny_models["llama3"], data, tmp_path / "out",
+                 dict(COMMON, max_steps=4, batch_size=2, strategy="ddp", dist_timeout=5,
+                      _hooks={"sleep_rank": 1, "sleep_at": 2, "sleep_s": 60}), check=False)
+    assert p.returncode != 0
+    assert "training step 3: another rank did not answer within 5 s (--dist-timeout)" in p.stderr, p.stderr[-4000:]
