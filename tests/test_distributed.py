@@ -252,3 +252,18 @@ def test_a_hung_rank_times_out_with_a_clear_error(tiny_models, tmp_path):
                       _hooks={"sleep_rank": 1, "sleep_at": 2, "sleep_s": 60}), check=False)
     assert p.returncode != 0
     assert "training step 3: another rank did not answer within 5 s (--dist-timeout)" in p.stderr, p.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_what_gloo_or_the_checkpoint_cannot_do_is_refused_by_rank_0(tiny_models, tmp_path):
+    model, data = tiny_models["llama3"], write_text_data(tmp_path / "train.jsonl", 8)
+    opts = dict(COMMON, max_steps=2, batch_size=2, save_every=1)
+    p = torchrun(tmp_path, 2, model, data, tmp_path / "a", dict(opts, cpu_offload=True), check=False)
+    assert p.returncode != 0
+    assert "cpu_offload (--cpu-offload)" in p.stderr and "drop --cpu-offload" in p.stderr, p.stderr[-4000:]
+    # a single-process checkpoint (weights in one file, AdamW by position) is not resharded
+    single(model, data, tmp_path / "b", **opts)
+    p = torchrun(tmp_path, 2, model, data, tmp_path / "b", dict(opts, batch_size=1, resume=True), check=False)
+    assert p.returncode != 0
+    assert "checkpoint-1: written by a single process" in p.stderr, p.stderr[-4000:]
+    assert not (tmp_path / "a").exists()  # refused before anything was written
