@@ -102,14 +102,15 @@ def assert_same_weights(a: Path, b: Path, method: str, tol: float = 1e-5) -> Non
 # ------------------------------------------------------------------------------------ parity
 @pytest.mark.slow
 def test_ddp_cli_matches_one_process(tiny_models, tmp_path):
-    """`leanformers finetune` under torchrun (DDP, 2 x batch 2) = 1 process batch 4: losses, weights, files."""
+    """`leanformers finetune` under torchrun (auto: DDP for a model this small; 2 x batch 2) = 1 process batch 4:
+    losses, weights, files, one log."""
     model = tiny_models["llama3"]
     data = write_text_data(tmp_path / "train.jsonl", 37)  # 10 global micro-batches, the last one row: rank 1 idles
     steps = 10
     ref = single(model, data, tmp_path / "one", max_steps=steps, batch_size=4, **COMMON)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "leanformers",
            "finetune", "-m", str(model), "--data", str(data), "--output", str(tmp_path / "two"), "--method", "full",
-           "--strategy", "ddp", "--max-steps", str(steps), "--batch-size", "2", "--seq-len", "48", "--precision",
+           "--max-steps", str(steps), "--batch-size", "2", "--seq-len", "48", "--precision",
            "fp32", "--lr", "2e-3", "--warmup-steps", "2", "--weight-decay", "0.01", "--seed", "7"]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr[-6000:]
@@ -120,7 +121,7 @@ def test_ddp_cli_matches_one_process(tiny_models, tmp_path):
     assert_close(losses(two), losses(ref.output_dir))
     assert_same_weights(two, ref.output_dir, "full")
     assert (p.stdout + p.stderr).count("saved the model to") == 1  # rank 0 reports
-    assert "strategy DDP" in p.stderr and p.stderr.count("-> 37 rows") == 1  # rank-0 log
+    assert "strategy auto -> DDP" in p.stderr and p.stderr.count("-> 37 rows") == 1  # rank-0 log
     visible = lambda d: sorted(x.name for x in d.iterdir() if not x.name.startswith("."))  # noqa: E731
     assert visible(two) == visible(ref.output_dir)  # the same files as one process writes
     lm = leanformers.load(str(two))  # the output is an ordinary model directory
@@ -128,13 +129,16 @@ def test_ddp_cli_matches_one_process(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,method", [("fsdp", "full"), ("ddp", "lora"), ("fsdp", "lora")])
-def test_two_processes_match_one(tiny_models, tmp_path, strategy, method):
-    """DDP / FSDP, full / LoRA, with gradient accumulation: 2 x batch 2 x accum 2 = 1 x batch 4 x accum 2."""
+@pytest.mark.parametrize("strategy,method,extra", [("fsdp", "full", {}), ("ddp", "lora", {}),
+                                                   ("fsdp", "lora", {"grad_checkpointing": True})])
+def test_two_processes_match_one(tiny_models, tmp_path, strategy, method, extra):
+    """DDP / FSDP, full / LoRA, with gradient accumulation (and activation checkpointing under FSDP) and an
+    eval set split over the ranks: 2 x batch 2 x accum 2 = 1 x batch 4 x accum 2."""
     model = tiny_models["llama3"]
     data = write_text_data(tmp_path / "train.jsonl", 30)
+    evals = write_text_data(tmp_path / "eval.jsonl", 11, seed=3)  # 3 eval batches of 4 (2 x 2): one rank idles
     steps = 10  # 4 steps per epoch: crosses epochs, the last step of each is short
-    opts = dict(COMMON, method=method, max_steps=steps, grad_accum=2)
+    opts = dict(COMMON, method=method, max_steps=steps, grad_accum=2, eval_data=str(evals), eval_every=5, **extra)
     if method == "lora":
         opts.update(lr=5e-3, lora_r=4, lora_dropout=0.0)
     ref = single(model, data, tmp_path / "one", batch_size=4, **opts)
@@ -142,6 +146,9 @@ def test_two_processes_match_one(tiny_models, tmp_path, strategy, method):
     torchrun(tmp_path, 2, model, data, two, dict(opts, batch_size=2, strategy=strategy))
     assert [r["step"] for r in metrics(two)] == list(range(1, steps + 1))
     assert_close(losses(two), losses(ref.output_dir))
+    evals_two = [r["eval_loss"] for r in metrics(two) if "eval_loss" in r]
+    assert len(evals_two) == 2
+    assert_close(evals_two, [r["eval_loss"] for r in metrics(ref.output_dir) if "eval_loss" in r])
     assert_same_weights(two, ref.output_dir, method)
     assert losses(two)[-1] < losses(two)[0]  # it learns
 
