@@ -2,6 +2,7 @@
 
     python bench/bench_finetune.py                       # every mode, ~15 minutes on 2 cores
     python bench/bench_finetune.py --modes lf-lora-bf16,hf-lora-bf16 --steps 3
+    python bench/bench_finetune.py --distributed --threads 1 --seq-len 128 --batch-size 4   # torchrun DDP/FSDP
 
 SmolLM2-135M-Instruct (the bundled GGUF, dequantized once into a float32 Hugging Face directory that both
 libraries load), rows of --seq-len 512 tokens, batch 8, the same pre-tokenized examples for every library:
@@ -18,6 +19,11 @@ Each (mode, round) is its own process with --threads threads: one warm-up step, 
 Reported: non-padding tokens per second (median over the timed steps of all rounds, with min-max) and the
 process's peak RSS (ru_maxrss: model load, data, optimizer and the steps). Ratios compare each leanformers
 mode with the transformers mode of the same method and precision.
+
+--distributed (issue 13): leanformers.finetune, full fine-tuning in fp32, on 1 process without torchrun and
+on 1 and 2 processes under `torchrun --standalone` with DDP and FSDP, --threads threads per process, the same
+global batch of --batch-size packed rows per step (each of 2 processes takes half). Reported per mode:
+global non-padding tokens per second (median over the timed steps, min-max) and each rank's peak RSS.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def prepare(work: Path, seq_len: int, n_examples: int) -> tuple[Path, Path, Path
         save_pretrained(lm.model, lm.config, lm.tokenizer, model_dir)
     rows_file = work / f"rows-{seq_len}-{n_examples}.json"
     if not rows_file.is_file():
-        from leanformers.perplexity import perplexity_text
+        from leanformers.eval.perplexity import perplexity_text
 
         lm = leanformers.load(str(model_dir))
         ids = lm.tokenizer.encode(perplexity_text(), add_special_tokens=False)
@@ -234,6 +240,104 @@ def alternate(a: argparse.Namespace, model_dir: Path, rounds: int = 3, batch: in
             + f"\nleanformers / transformers tokens/s: {hf_ / lf:.2f}x\n")
 
 
+# ------------------------------------------------------------------------------------------ distributed
+DIST_MODES = {"single": (1, None), "ddp-1": (1, "ddp"), "fsdp-1": (1, "fsdp"), "ddp-2": (2, "ddp"),
+              "fsdp-2": (2, "fsdp")}  # mode: (processes, strategy; None = no torchrun)
+
+
+def dist_data(work: Path, n_records: int) -> Path:
+    """A JSONL of {"text": ...} records cut from the bundled English text (packed into full rows by finetune)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from leanformers.eval.perplexity import perplexity_text
+
+    words = perplexity_text().split()
+    rng = random.Random(0)
+    path = work / f"dist-train-{n_records}.jsonl"
+    with path.open("w") as f:
+        for _ in range(n_records):
+            n, at = rng.randint(40, 300), rng.randint(0, len(words) - 301)
+            f.write(json.dumps({"text": " ".join(words[at : at + n])}) + "\n")
+    return path
+
+
+def dist_worker(a: argparse.Namespace) -> None:
+    """One process of a distributed mode (under torchrun, or alone for "single"): train, print RESULT."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(ROOT / "src"))
+    import leanformers
+
+    procs, strategy = DIST_MODES[a.dist_worker]
+    stamps: list[float] = []
+    tokens: list[int] = []
+
+    def clock(row):
+        stamps.append(time.perf_counter())
+        tokens.append(row["tokens"])
+
+    out = a.work / f"dist-out-{a.dist_worker}"
+    extra = {"strategy": strategy} if strategy else {}
+    stamps.append(time.perf_counter())
+    tokens.append(0)
+    leanformers.finetune(a.model_dir, data=a.rows, output_dir=str(out), method="full", precision="fp32",
+                         max_steps=a.warmup + a.steps, batch_size=a.batch_size // procs, seq_len=a.seq_len,
+                         packing=True, lr=LR, lr_schedule="constant", weight_decay=0.0, save_every=None,
+                         overwrite=True, progress=False, callback=clock, **extra)
+    times = [y - x for x, y in zip(stamps, stamps[1:])]
+    per_step = [y - x for x, y in zip(tokens, tokens[1:])]
+    rank = int(os.environ.get("RANK", 0))
+    res = {"rank": rank, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if rank == 0:
+        res.update(step_s=times[a.warmup :], tokens=per_step[a.warmup :])
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_distributed(a: argparse.Namespace, model_dir: Path) -> str:
+    """Every DIST_MODES mode as its own launch, interleaved over --rounds; a markdown table."""
+    data = dist_data(a.work, 200)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(a.threads))
+    modes = [m for m in a.modes.split(",") if m in DIST_MODES] or list(DIST_MODES)
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(a.rounds):
+        for m in modes:
+            procs, strategy = DIST_MODES[m]
+            launch = [sys.executable] if strategy is None else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+            cmd = launch + [__file__, "--dist-worker", m, "--model-dir", str(model_dir), "--rows", str(data),
+                            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
+                            "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--work", str(a.work)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            res = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or len(res) != procs:
+                print(f"{m}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            res.sort(key=lambda x: x["rank"])
+            run = dict(res[0], rss=[x["peak_rss_mb"] for x in res])
+            results[m].append(run)
+            tps = [t / s for t, s in zip(run["tokens"], run["step_s"])]
+            print(f"round {r + 1} {m:8s} {statistics.median(tps):8.0f} tok/s  peak RSS per rank "
+                  f"{', '.join(f'{x:.0f}' for x in run['rss'])} MB ({time.time() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+    lines = [f"full fine-tuning fp32, seq-len {a.seq_len}, global batch {a.batch_size} packed rows, {a.threads} "
+             f"thread(s) per process, {a.steps} timed steps x {a.rounds} round(s) per mode", "",
+             "| mode | processes | tokens/s (median) | min-max | vs single | peak RSS per rank MB (median) |",
+             "|---|---:|---:|---:|---:|---|"]
+    base = None
+    for m, runs in results.items():
+        if not runs:
+            continue
+        tps = [t / s for run in runs for t, s in zip(run["tokens"], run["step_s"])]
+        med = statistics.median(tps)
+        base = base if base is not None or m != "single" else med
+        rss = [statistics.median(run["rss"][k] for run in runs) for k in range(len(runs[0]["rss"]))]
+        lines.append(f"| {m} | {DIST_MODES[m][0]} | {med:.0f} | {min(tps):.0f}-{max(tps):.0f} | "
+                     f"{f'{med / base:.2f}x' if base else ''} | {', '.join(f'{x:.0f}' for x in rss)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_worker(a: argparse.Namespace) -> None:
     import torch
 
@@ -263,6 +367,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--alternate", action="store_true",
                    help="instead: LoRA bf16 forward+backward of both libraries alternating in one process")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: leanformers on 1 and 2 processes, DDP and FSDP (torchrun); --modes from "
+                        + ",".join(DIST_MODES))
+    p.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
@@ -270,7 +378,16 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return run_worker(a)
+    if a.dist_worker:
+        return dist_worker(a)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.distributed:
+        model_dir, _, _ = prepare(a.work, a.seq_len, 8)
+        text = run_distributed(a, model_dir)
+        print(text)
+        if a.out:
+            a.out.write_text(text)
+        return
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in HF_MODES and m not in LF_MODES]
     if bad:

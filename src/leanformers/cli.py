@@ -422,7 +422,13 @@ def _add_finetune_parser(sub: Any) -> None:
                    help="continue from the newest checkpoint in --output (or from DIR)")
     f.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     f.add_argument("--log", choices=["none", "tensorboard"], default="none", help="also log to TensorBoard")
-    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    f.add_argument("--device", default="cpu", help="torch device (default: cpu; under torchrun cuda means "
+                                                   "cuda:LOCAL_RANK)")
+    f.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="under torchrun: DDP, FSDP, or auto (DDP when model + optimizer fit one device; default)")
+    f.add_argument("--cpu-offload", action="store_true", help="FSDP on GPUs: keep the shards in CPU memory")
+    f.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a collective waits for the other ranks before failing (default: 1800)")
     _common(f)
 
 
@@ -437,6 +443,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if options["target_modules"] == ["all-linear"]:
         options["target_modules"] = "all-linear"
     result = finetune(args.model, data=args.data, output_dir=args.output_dir, **options)
+    if result.rank != 0:  # torchrun: rank 0 reports
+        return 0
     what = "LoRA adapter" if result.method != "full" else "model"
     evals = "".join(f", {k.replace('_', ' ')} {v:.4f}"
                     for k, v in (result.eval_metrics or {}).items())

@@ -22,14 +22,14 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import InvalidArgumentError
 from .args import FinetuneArgs, check_resumable
 from .checkpoint import STATE, checkpoint_dirs, find_checkpoint, read_state
-from .data import build_dataset, check_vocab, read_records
+from .data import Dataset, build_dataset, check_vocab, read_records
 from .lora import apply_lora, save_adapter
 from .loop import TrainLoop
 from .loss import causal_lm_loss, set_gradient_checkpointing
@@ -54,19 +54,106 @@ class FinetuneResult:
     tokens: int  # non-padding tokens trained on
     metrics: Path  # metrics.jsonl
     checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+    rank: int = 0  # this process's rank in a distributed run (torchrun); rank 0 wrote the outputs
     eval_metrics: dict[str, float] | None = None  # the last evaluation: eval_loss (+ eval_accuracy / eval_micro_f1)
 
 
 def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> FinetuneResult:
-    """Fine-tune `model` (full, LoRA or QLoRA) on `data`; see leanformers.train.args.FinetuneArgs for options."""
+    """Fine-tune `model` (full, LoRA or QLoRA) on `data`; see leanformers.train.args.FinetuneArgs for options.
+
+    Under torchrun (or when resuming a sharded checkpoint) the run is spread over the processes by
+    leanformers.train.distributed; otherwise it runs in this process.
+    """
     names = {f.name for f in dataclasses.fields(FinetuneArgs)} - {"model", "data", "output_dir"}
     unknown = sorted(set(options) - names)
     if unknown:
         raise InvalidArgumentError(f"finetune(): unknown option(s) {unknown}; valid: {', '.join(sorted(names))}")
     args = FinetuneArgs(model=model, data=data, output_dir=output_dir, **options).check()
+    from . import distributed
+
+    if distributed.wanted(args):
+        if args.task == "classification":
+            raise InvalidArgumentError("task classification runs in one process; launch it without torchrun "
+                                       "and without --strategy")
+        return distributed.finetune_distributed(args)
     out = Path(args.output_dir)
 
-    # ---- before the model loads: output dir, checkpoint, data
+    # ---- before the model loads: output dir, checkpoint, data; then the model and data
+    ckpt = check_output(args)
+    encoder_run = _encoder_run(args, out, ckpt)
+    if encoder_run is not None:
+        return encoder_run
+    prep = prepare(args, torch.device(args.device))
+
+    # ---- run
+    start_output(args)
+    loop = TrainLoop(prep.lm.model, causal_lm_loss, prep.dataset, args, prep.precision, out,
+                     eval_dataset=prep.eval_set, save_extra=prep.adapter_writer(), resume_hint=resume_command(args))
+    if ckpt is None:
+        torch.manual_seed(args.seed)
+    result = loop.run(resume_from=ckpt)
+
+    # ---- outputs
+    save_outputs(prep, out)
+    return FinetuneResult(out, args.method, result.steps, result.loss, result.eval_loss, result.tokens,
+                          out / "metrics.jsonl", result.checkpoint, eval_metrics=result.eval_metrics)
+
+
+def _encoder_run(args: FinetuneArgs, out: Path, ckpt: Path | None) -> FinetuneResult | None:
+    """Task classification: the encoder classifier's run (train/classification.py); None for a decoder's
+    causal-LM run. Each task refuses the other kind of model before anything loads."""
+    encoder_dir, adapter = _encoder_dir(args.model)
+    if args.task != "classification":
+        if encoder_dir is not None:
+            raise InvalidArgumentError(
+                f"{args.model!r} is an encoder: task {args.task} (--task {args.task}, the default) trains decoders "
+                "(causal language models); for a classifier pass task='classification' (--task classification)")
+        return None
+    from .classification import finetune_classification, read_classification_records
+
+    records = read_classification_records(args.data)
+    eval_records = read_classification_records(args.eval_data) if args.eval_data else None
+    if adapter is not None:
+        raise InvalidArgumentError(f"{args.model}: an adapter directory; task classification starts from a "
+                                   "model directory (fine-tune its base, or the model the adapter was merged into)")
+    if encoder_dir is None:
+        raise InvalidArgumentError(
+            f"task classification (--task classification) trains an encoder's classifier (BERT, RoBERTa, "
+            f"XLM-RoBERTa, DistilBERT); {args.model!r} is not an encoder: fine-tune a decoder without --task")
+    device = torch.device(args.device)
+    mode = args.resolved_precision(device.type, device.type != "cuda" or torch.cuda.is_bf16_supported())
+    return finetune_classification(args, out, ckpt, encoder_dir, records, eval_records, mode)
+
+
+@dataclass
+class Prepared:
+    """A run ready to train: the model (LoRA applied), its precision and the datasets."""
+
+    args: FinetuneArgs
+    lm: Any  # LanguageModel
+    precision: Precision
+    short_targets: list[str]  # LoRA target names for adapter_config.json ([] for full fine-tuning)
+    dataset: Dataset
+    eval_set: Dataset | None
+
+    def adapter_writer(self) -> Callable[..., None] | None:
+        """Writes the PEFT adapter into a directory (None for full fine-tuning); `state` (PEFT keys ->
+        tensors) replaces the model's own LoRA weights, for models whose weights are sharded."""
+        if self.args.method == "full":
+            return None
+        args, base_ref = self.args, _base_reference(self.args.model)
+
+        def write_adapter(directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+            save_adapter(self.lm.model, directory, base_model=base_ref, r=args.lora_r, alpha=args.lora_alpha,
+                         dropout=args.lora_dropout, target_modules=self.short_targets, state=state)
+
+        return write_adapter
+
+
+def check_output(args: FinetuneArgs) -> Path | None:
+    """The checkpoint to resume (checked against the options), or None; refuses an output directory that
+    holds a previous run unless resume/overwrite. Nothing is written."""
+    out = Path(args.output_dir)
     ckpt = None
     if args.resume:
         ckpt = find_checkpoint(args.resume, out)
@@ -77,35 +164,19 @@ def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> Finet
             raise InvalidArgumentError(
                 f"{out}: holds a previous run ({', '.join(previous[:4])}); pass resume=True (--resume) to continue "
                 "it or overwrite=True (--overwrite) to replace it")
-    classification = args.task == "classification"
-    if classification:
-        from .classification import finetune_classification, read_classification_records
+    return ckpt
 
-        records = read_classification_records(args.data)
-        eval_records = read_classification_records(args.eval_data) if args.eval_data else None
-    else:
-        records = read_records(args.data)
-        eval_records = read_records(args.eval_data) if args.eval_data else None
-    device = torch.device(args.device)
+
+def prepare(args: FinetuneArgs, device: torch.device, *, load_device: str | None = None) -> Prepared:
+    """Read the data, load the base (on `load_device`, default args.device), make it trainable (all weights
+    or LoRA), build the datasets. Nothing is written."""
+    records = read_records(args.data)
+    eval_records = read_records(args.eval_data) if args.eval_data else None
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     mode = args.resolved_precision(device.type, bf16_ok)
-    encoder_dir, adapter = _encoder_dir(args.model)
-    if classification:
-        if adapter is not None:
-            raise InvalidArgumentError(f"{args.model}: an adapter directory; task classification starts from a "
-                                       "model directory (fine-tune its base, or the model the adapter was merged into)")
-        if encoder_dir is None:
-            raise InvalidArgumentError(
-                f"task classification (--task classification) trains an encoder's classifier (BERT, RoBERTa, "
-                f"XLM-RoBERTa, DistilBERT); {args.model!r} is not an encoder: fine-tune a decoder without --task")
-        return finetune_classification(args, out, ckpt, encoder_dir, records, eval_records, mode)
-    if encoder_dir is not None:
-        raise InvalidArgumentError(
-            f"{args.model!r} is an encoder: task {args.task} (--task {args.task}, the default) trains decoders "
-            "(causal language models); for a classifier pass task='classification' (--task classification)")
 
     # ---- model
-    lm = _load_base(args, mode)
+    lm = _load_base(args, mode, load_device or args.device)
     precision = Precision(mode, device)
     if mode != args.precision:
         logger.info("precision: %s", mode)
@@ -129,50 +200,45 @@ def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> Finet
                                  batch_size=args.batch_size, grad_accum=1, seed=args.seed, truncate=True,
                                  records=eval_records)
         check_vocab(eval_set, lm.config.vocab_size, args.eval_data)
+    return Prepared(args, lm, precision, short_targets, dataset, eval_set)
 
-    # ---- run
+
+def start_output(args: FinetuneArgs) -> None:
+    """Clear a previous run (overwrite), create the output directory, record the options."""
+    out = Path(args.output_dir)
     if args.overwrite:
         _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_args.json").write_text(json.dumps(args.to_json(), indent=2) + "\n")
-    base_ref = _base_reference(args.model)
 
-    def write_adapter(directory: Path) -> None:
-        save_adapter(lm.model, directory, base_model=base_ref, r=args.lora_r, alpha=args.lora_alpha,
-                     dropout=args.lora_dropout, target_modules=short_targets)
 
-    loop = TrainLoop(lm.model, causal_lm_loss, dataset, args, precision, out, eval_dataset=eval_set,
-                     save_extra=write_adapter if args.method != "full" else None, resume_hint=resume_command(args))
-    if ckpt is None:
-        torch.manual_seed(args.seed)
-    result = loop.run(resume_from=ckpt)
-
-    # ---- outputs
-    if args.method == "full":
+def save_outputs(prep: Prepared, out: Path, *, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The run's result in `out`: a Hugging Face model directory (full) or a PEFT adapter (LoRA/QLoRA).
+    `state` (full tensors by name) replaces the model's own weights, for models whose weights are sharded."""
+    lm = prep.lm
+    if prep.args.method == "full":
         from .export import save_pretrained
 
         source_dir = lm.source.path if lm.source is not None and lm.source.kind == "dir" else None
         save_pretrained(lm.model, lm.config, lm.tokenizer, out, source_dir=source_dir,
-                        generation_config=lm.generation_config)
+                        generation_config=lm.generation_config, state=state)
     else:
-        write_adapter(out)
-    return FinetuneResult(out, args.method, result.steps, result.loss, result.eval_loss, result.tokens,
-                          out / "metrics.jsonl", result.checkpoint, eval_metrics=result.eval_metrics)
+        prep.adapter_writer()(out, state)
 
 
-def _load_base(args: FinetuneArgs, mode: str):
+def _load_base(args: FinetuneArgs, mode: str, device: str):
     """The base model in the dtype the method and precision want (frozen bases in the compute dtype)."""
     from ..lm import load
 
     if args.method == "qlora":
-        return load(args.model, quantize=args.quantize, device=args.device, progress=False)
+        return load(args.model, quantize=args.quantize, device=device, progress=False)
     if mode == "bf16-true" or (args.method == "lora" and mode == "bf16-mixed"):
         dtype = "bfloat16"  # a frozen LoRA base needs no float32 master copy under bfloat16 autocast
     elif args.method == "lora" and mode == "fp16-mixed":
         dtype = "float16"
     else:
         dtype = "float32"
-    return load(args.model, dtype=dtype, device=args.device, progress=False)
+    return load(args.model, dtype=dtype, device=device, progress=False)
 
 
 def _encoder_dir(model: str) -> tuple[Path | None, str | None]:

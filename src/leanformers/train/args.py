@@ -20,11 +20,12 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 SCHEDULES = ("cosine", "linear", "constant")
 LOGGERS = ("none", "tensorboard")
+STRATEGIES = ("auto", "ddp", "fsdp")  # under torchrun (train/distributed); a single process ignores "auto"
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 
 # Options a resumed run may change; every other one must equal the checkpoint's (see check_resumable).
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "save_every", "eval_every", "save_total_limit", "log",
-                     "progress", "callback", "eval_data", "device")
+                     "progress", "callback", "eval_data", "device", "strategy", "cpu_offload", "dist_timeout")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class FinetuneArgs:
     log: str = "none"
     device: str = "cpu"
     progress: bool | None = None  # tqdm bar (default: when stderr is a terminal)
+    # many processes (torchrun): see train/distributed
+    strategy: str = "auto"  # ddp | fsdp | auto (DDP when model + optimizer fit one device, else FSDP)
+    cpu_offload: bool = False  # FSDP on GPUs: sharded parameters, gradients and optimizer state in CPU memory
+    dist_timeout: float = 1800.0  # seconds any collective may wait for the other ranks before failing
     # called after every optimizer step with that step's metrics (the metrics.jsonl row), before any checkpoint
     callback: Callable[[dict[str, Any]], None] | None = None
 
@@ -132,6 +137,9 @@ class FinetuneArgs:
             raise bad("lr_schedule", f"one of {', '.join(SCHEDULES)}")
         if self.log not in LOGGERS:
             raise bad("log", f"one of {', '.join(LOGGERS)}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
+        number("dist_timeout", lo_open=True)
         pos_int("lora_r")
         number("lora_alpha", lo_open=True)
         number("lora_dropout", hi=1.0)
@@ -172,7 +180,7 @@ class FinetuneArgs:
             raise bad("resume", "True/False or a checkpoint directory")
         if self.resume and self.overwrite:
             raise InvalidArgumentError("resume (--resume) and overwrite (--overwrite) exclude each other")
-        for name in ("packing", "truncate", "grad_checkpointing", "overwrite"):
+        for name in ("packing", "truncate", "grad_checkpointing", "overwrite", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.callback is not None and not callable(self.callback):

@@ -114,11 +114,14 @@ def save_tokenizer(tokenizer: Any, directory: Path, source_dir: Path | None, max
 
 def save_pretrained(model: nn.Module, config: Any, tokenizer: Any, directory: str | Path, *,
                     source_dir: Path | None = None, generation_config: dict[str, Any] | None = None,
-                    max_shard_size: int | None = None) -> Path:
-    """A Hugging Face model directory of `model` (LoRA wrappers, if any, are read through to their base)."""
+                    max_shard_size: int | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """A Hugging Face model directory of `model` (LoRA wrappers, if any, are read through to their base).
+
+    state: the model's state dict with full tensors, when the model's own are sharded (FSDP)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = unwrap_state_dict(model)
+    state = unwrap_state_dict(model) if state is None else {k.replace(".base_layer.", "."): v for k, v in state.items()
+                                                            if ".lora_A." not in k and ".lora_B." not in k}
     if config.tie_word_embeddings and getattr(model, "output_head", None):
         state.pop(f"{model.output_head}.weight", None)  # a tied head is not stored: HF ties it on load
     to_hf = getattr(family_for(config), "to_hf_checkpoint", None)

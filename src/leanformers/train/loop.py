@@ -62,6 +62,9 @@ class LoopResult:
 
 
 class TrainLoop:
+    # False on the ranks of a distributed run other than 0: they train but write no metrics, bar or TensorBoard
+    main_process = True
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, args: FinetuneArgs, precision: Precision,
                  output_dir: Path, *, eval_dataset: Dataset | None = None,
                  save_extra: Callable[[Path], None] | None = None, resume_hint: str = "",
@@ -98,22 +101,27 @@ class TrainLoop:
         return self._last_ckpt
 
     def restore(self, ckpt: Path) -> None:
-        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                scaler=self.precision.scaler)
+        state = self._load(ckpt)
         data = state.get("data", {})
         if data.get("fingerprint") != self.data.fingerprint or data.get("rows") != len(self.data.rows):
             raise CheckpointError(f"{ckpt}: the checkpoint was trained on other data (fingerprint "
                                    f"{data.get('fingerprint')}, {data.get('rows')} rows; now {self.data.fingerprint}, "
                                    f"{len(self.data.rows)} rows)")
         self.step, self.tokens, self._last_ckpt = state["step"], state.get("tokens", 0), ckpt
-        _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        if self.main_process:
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+
+    def _load(self, ckpt: Path) -> dict[str, Any]:
+        """Restore weights, optimizer, scheduler and RNG states from `ckpt`; returns its trainer state."""
+        return load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               scaler=self.precision.scaler)
 
     # ------------------------------------------------------------------------------ loop
     def run(self, resume_from: Path | None = None) -> LoopResult:
         if resume_from is not None:
             self.restore(resume_from)
         self.model.train()
-        metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") if self.main_process else None
         tb = self._tensorboard()
         bar = self._bar()
         old_handler = self._install_sigint()
@@ -127,8 +135,9 @@ class TrainLoop:
                     scores = self.evaluate()
                     row.update(scores)
                     eval_loss = scores["eval_loss"]
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
                 if tb is not None:
                     for k, v in row.items():
                         if k != "step":
@@ -141,13 +150,15 @@ class TrainLoop:
                     self.args.callback(dict(row))
                 if self.args.save_every and self.step % self.args.save_every == 0 and self.step < self.total_steps:
                     self.save()
-                if self._stop and self.step < self.total_steps:
+                if self._stop_now() and self.step < self.total_steps:
                     ckpt = self.save()
-                    print(f"\nInterrupted at step {self.step}/{self.total_steps}; checkpoint saved to {ckpt}.\n"
-                          f"Resume with: {self.resume_hint}", file=sys.stderr, flush=True)
+                    if self.main_process:
+                        print(f"\nInterrupted at step {self.step}/{self.total_steps}; checkpoint saved to {ckpt}.\n"
+                              f"Resume with: {self.resume_hint}", file=sys.stderr, flush=True)
                     raise KeyboardInterrupt
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             if bar is not None:
                 bar.close()
             if tb is not None:
@@ -212,6 +223,10 @@ class TrainLoop:
             self.model.train()
 
     # ------------------------------------------------------------------------------ helpers
+    def _stop_now(self) -> bool:
+        """Whether Ctrl-C asked to save and stop after this step (a distributed loop asks every rank)."""
+        return self._stop
+
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():
             return None
@@ -227,7 +242,7 @@ class TrainLoop:
 
     def _bar(self):
         show = self.args.progress if self.args.progress is not None else sys.stderr.isatty()
-        if not show:
+        if not show or not self.main_process:
             return None
         from tqdm.auto import tqdm
 
@@ -235,7 +250,7 @@ class TrainLoop:
                     dynamic_ncols=True)
 
     def _tensorboard(self):
-        if self.args.log != "tensorboard":
+        if self.args.log != "tensorboard" or not self.main_process:
             return None
         from torch.utils.tensorboard import SummaryWriter
 

@@ -245,9 +245,12 @@ def adapter_state(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict
 
 def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r: int, alpha: float,
                  dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
-                 modules_to_save: list[str] | None = None, head_config: dict[str, Any] | None = None) -> None:
+                 modules_to_save: list[str] | None = None, head_config: dict[str, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors in PEFT's format.
 
+    state: the weights (PEFT keys -> tensors) when given, e.g. gathered from sharded parameters; else the
+    model's own LoRA weights (and modules_to_save).
     modules_to_save: full module names trained whole (a classifier's head), saved as PEFT saves them
     (`base_model.model.classifier.weight`). head_config: for a SEQ_CLS adapter, written to
     classifier_config.json: the keyword arguments (num_labels, id2label, label2id, problem_type) with which
@@ -269,7 +272,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str, r:
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if head_config is not None:
         (directory / CLASSIFIER_CONFIG).write_text(json.dumps(head_config, indent=2, ensure_ascii=False) + "\n")
-    save_file(adapter_state(model, modules_to_save or ()), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    weights = adapter_state(model, modules_to_save or ()) if state is None else state
+    save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
