@@ -102,17 +102,15 @@ def finetune(model: str, *, data: str, output_dir: str, **options: Any) -> Finet
 def _encoder_run(args: FinetuneArgs, out: Path, ckpt: Path | None) -> FinetuneResult | None:
     """Task classification: the encoder classifier's run (train/classification.py); None for a decoder's
     causal-LM run. Each task refuses the other kind of model before anything loads."""
-    encoder_dir, adapter = _encoder_dir(args.model)
     if args.task != "classification":
-        if encoder_dir is not None:
-            raise InvalidArgumentError(
-                f"{args.model!r} is an encoder: task {args.task} (--task {args.task}, the default) trains decoders "
-                "(causal language models); for a classifier pass task='classification' (--task classification)")
         return None
     from .classification import finetune_classification, read_classification_records
 
-    records = read_classification_records(args.data)
+    records = read_classification_records(args.data)  # the data is checked before the model is looked up
     eval_records = read_classification_records(args.eval_data) if args.eval_data else None
+    device = torch.device(args.device)
+    mode = args.resolved_precision(device.type, device.type != "cuda" or torch.cuda.is_bf16_supported())
+    encoder_dir, adapter = _encoder_dir(args.model)
     if adapter is not None:
         raise InvalidArgumentError(f"{args.model}: an adapter directory; task classification starts from a "
                                    "model directory (fine-tune its base, or the model the adapter was merged into)")
@@ -120,8 +118,6 @@ def _encoder_run(args: FinetuneArgs, out: Path, ckpt: Path | None) -> FinetuneRe
         raise InvalidArgumentError(
             f"task classification (--task classification) trains an encoder's classifier (BERT, RoBERTa, "
             f"XLM-RoBERTa, DistilBERT); {args.model!r} is not an encoder: fine-tune a decoder without --task")
-    device = torch.device(args.device)
-    mode = args.resolved_precision(device.type, device.type != "cuda" or torch.cuda.is_bf16_supported())
     return finetune_classification(args, out, ckpt, encoder_dir, records, eval_records, mode)
 
 
@@ -170,10 +166,14 @@ def check_output(args: FinetuneArgs) -> Path | None:
 def prepare(args: FinetuneArgs, device: torch.device, *, load_device: str | None = None) -> Prepared:
     """Read the data, load the base (on `load_device`, default args.device), make it trainable (all weights
     or LoRA), build the datasets. Nothing is written."""
-    records = read_records(args.data)
+    records = read_records(args.data)  # the data is checked before the model is looked up
     eval_records = read_records(args.eval_data) if args.eval_data else None
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     mode = args.resolved_precision(device.type, bf16_ok)
+    if _encoder_dir(args.model)[0] is not None:
+        raise InvalidArgumentError(
+            f"{args.model!r} is an encoder: task {args.task} (--task {args.task}, the default) trains decoders "
+            "(causal language models); for a classifier pass task='classification' (--task classification)")
 
     # ---- model
     lm = _load_base(args, mode, load_device or args.device)
