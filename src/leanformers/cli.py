@@ -1,4 +1,4 @@
-"""The `leanformers` command line: generate, chat, info, perplexity, bench.
+"""The `leanformers` command line: generate, chat, info, perplexity, bench, serve.
 
 Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
 before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_args(pp)
     pp.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     pp.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default: 256)")
+
+    _add_serve_parser(sub)
 
     b = sub.add_parser("bench", help="benchmark decode/prefill speed", add_help=False,
                        description="Benchmark (see `leanformers bench --help`).")
@@ -311,7 +313,85 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity}
+# ------------------------------------------------------------------------------------------ serve
+def _add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics) with continuous batching. Needs the serve "
+                                   "extra: pip install 'leanformers[serve]'.")
+    _add_model_args(s)
+    _add_speed_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/ routes (default: $LEANFORMERS_API_KEY if set)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: -m's value)")
+    s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together: KV slots (default: 16)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond, requests get 429 (default: 256)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="tokens per sequence, prompt + completion: the KV slot size (default: the model's context, "
+                        "at most 2048)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps (default: 256)")
+    s.add_argument("--embedding-model", default=None,
+                   help="also serve /v1/embeddings with this encoder model (leanformers.load of an encoder)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    for name, low in (("port", 0), ("max_batch_size", 1), ("max_queue", 0), ("prefill_chunk", 1)):
+        if getattr(args, name) < low:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.port > 65535:
+        raise InvalidArgumentError(f"--port must be <= 65535, got {args.port}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise InvalidArgumentError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise InvalidArgumentError(f"leanformers serve needs the serve extra ({exc.name} is missing): "
+                                   "pip install 'leanformers[serve]'") from None
+    _check_before_loading(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LEANFORMERS_API_KEY") or None
+    from .serve.app import create_app, run
+    from .serve.engine import DEFAULT_MAX_MODEL_LEN, Engine, batch_buckets
+
+    lm = _load(argparse.Namespace(**{**vars(args), "compile": False}))
+    max_len = args.max_model_len if args.max_model_len is not None else min(lm.context_length, DEFAULT_MAX_MODEL_LEN)
+    if max_len > lm.context_length:
+        raise InvalidArgumentError(f"--max-model-len {max_len} is longer than the model's context "
+                                   f"({lm.context_length} tokens)")
+    if args.compile:  # one graph per batch bucket, all over the engine's cache length
+        lm.compile(cache_bucket=max_len, max_graphs=len(batch_buckets(args.max_batch_size)))
+    embedder = None
+    if args.embedding_model:
+        from .lm import load
+
+        embedder = load(args.embedding_model, offline=True if args.offline else None)
+        if not callable(getattr(embedder, "embed", None)):
+            raise InvalidArgumentError(f"--embedding-model {args.embedding_model}: not an embedding model "
+                                       "(it has no embed())")
+    engine = Engine(lm, max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=max_len,
+                    prefill_chunk=args.prefill_chunk)
+    print(f"leanformers serve: {engine.describe_memory()}", file=sys.stderr, flush=True)
+    engine.start()
+    name = args.served_model_name or args.model
+    step = "compiled" if lm.step.is_compiled else "eager"
+    print(f"leanformers serve: {name} ({lm.dtype}, {lm.quantization or 'not quantized'}, {step} decode step) on "
+          f"http://{args.host}:{args.port}/v1 - batch {args.max_batch_size}, queue {args.max_queue}, "
+          f"context {max_len}{', API key required' if api_key else ''}", file=sys.stderr, flush=True)
+    app = create_app(engine, model_name=name, api_key=api_key, embedder=embedder,
+                     embedding_model_name=args.embedding_model)
+    run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
