@@ -393,6 +393,48 @@ def test_penalties_and_logit_bias_change_the_output(server, lm):
     assert presence.choices[0].text == lm.tokenizer.decode([t for t in gen if t not in lm.eos_token_ids])
 
 
+SCHEMA = {"type": "object", "properties": {
+    "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    "color": {"enum": ["red", "green", "blue"]}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+    "required": ["ok", "n", "color", "tags"], "additionalProperties": False}
+
+
+def check_schema(value: dict) -> None:
+    assert set(value) == {"ok", "n", "color", "tags"}
+    assert isinstance(value["ok"], bool) and isinstance(value["n"], int) and 0 <= value["n"] <= 9
+    assert value["color"] in ("red", "green", "blue")
+    assert len(value["tags"]) <= 3 and all(t in ("a", "b") for t in value["tags"])
+
+
+def test_response_format_json_schema_and_json_object(server):
+    """A random tiny model, left alone, never writes JSON: constrained, every answer parses and fits the schema."""
+    client = server.client()
+    msgs = chat_messages("Describe the weather as JSON.")
+    free = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=30, temperature=0)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):
+        out = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=120, temperature=1.0, seed=seed,
+                                             response_format=fmt)
+        assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+        check_schema(json.loads(out.choices[0].message.content))
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=120, temperature=0, stream=True,
+                                            response_format=fmt)
+    check_schema(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)))
+    # json_object: any object; a random model's strings may run until max_tokens, but what ends is valid
+    finished = 0
+    for seed in range(4):
+        out = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=190, temperature=1.0, seed=seed,
+                                             response_format={"type": "json_object"})
+        text = out.choices[0].message.content
+        assert text.startswith("{")
+        if out.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+            finished += 1
+    assert finished >= 1
+
+
 def test_sixteen_concurrent_streams_equal_offline(server, lm):
     """16 streaming greedy requests at once (8 slots: half of them queue), different prompts and lengths,
     chat and completions: each equals its offline result alone."""
@@ -474,7 +516,14 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, 400, "response_format", None),
+                              "response_format": {"type": "xml"}}, 400, "response_format.type", None),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema"}}, 400, "response_format", None),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}, 400,
+     "response_format", None),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True,
+                              "response_format": {"type": "json_object"}}, 400, "ignore_eos", None),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content.0", None),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],

@@ -39,6 +39,7 @@ from ..generation.sampling import SamplingParams
 from . import schemas as S
 from .embeddings import Embedder, embed_request
 from .engine import Engine, EngineStoppedError, PromptSpec, QueueFullError
+from .grammar import JsonGrammars
 from .metrics import CONTENT_TYPE
 from .sequence import Output, SequenceOptions, TokenLogprob
 
@@ -234,7 +235,8 @@ class _API:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         n = self._check_n(req.n)
         self._check_length([ids], max_tokens, "messages")
-        options = self._options(req, max_tokens, logprobs)
+        grammar = await self._grammar(req)
+        options = self._options(req, max_tokens, logprobs, grammar)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = self._stream_options(req)
         if req.stream:
@@ -422,7 +424,26 @@ class _API:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         return bool(req.stream_options and req.stream_options.include_usage)
 
-    def _options(self, req: S._Sampling, max_tokens: int | None, logprobs: int | None) -> SequenceOptions:
+    async def _grammar(self, req: S.ChatCompletionRequest) -> str | None:
+        """The llguidance grammar of a JSON response_format (None for text); 400 for a schema it cannot take."""
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if not JsonGrammars.available():
+            raise APIError(400, f"response_format {rf.type!r} needs llguidance on the server "
+                                "(pip install 'leanformers[serve]')", param="response_format")
+        if req.ignore_eos:
+            raise APIError(400, "ignore_eos cannot be combined with a JSON response_format (the JSON ends with "
+                                "the end-of-sequence token)", param="ignore_eos")
+        if rf.type == "json_schema" and rf.json_schema is None:
+            raise APIError(400, "response_format json_schema needs a json_schema object", param="response_format")
+        try:  # the first one builds llguidance's tokenizer table (about a second): off the event loop
+            return await run_in_threadpool(self.engine.grammars.grammar, rf.type, rf.json_schema)
+        except LeanformersError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
+
+    def _options(self, req: S._Sampling, max_tokens: int | None, logprobs: int | None,
+                 grammar: str | None = None) -> SequenceOptions:
         d = self._defaults
         temperature = req.temperature if req.temperature is not None else d.get("temperature", 1.0)
         top_p = req.top_p if req.top_p is not None else d.get("top_p")
@@ -454,7 +475,7 @@ class _API:
             max_tokens=max_tokens if max_tokens is not None else self.engine.max_model_len,
             sampling=sampling, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, stop=tuple(s for s in stop if s),
-            ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
+            ignore_eos=bool(req.ignore_eos), logprobs=logprobs, grammar=grammar)
 
     def _token(self, token_id: int) -> tuple[str, list[int] | None]:
         """A token's text and UTF-8 bytes for logprobs (bytes None when they cannot be told)."""
@@ -615,10 +636,6 @@ def _refuse_unsupported_chat(req: S.ChatCompletionRequest) -> None:
                        param="reasoning_effort")
     if req.web_search_options is not None:
         raise APIError(400, "web search is not supported by this server", param="web_search_options")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format {req.response_format.type!r} is not supported by this server: it "
-                            "cannot constrain the output to JSON; use response_format {\"type\": \"text\"}",
-                       param="response_format")
 
 
 def _template_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ import torch
 
 from ..errors import InvalidArgumentError, LeanformersError
 from ..models.cache import KVCache
+from .grammar import JsonGrammars
 from .metrics import Metrics
 from .sequence import Output, OutputCallback, Sequence, SequenceOptions, choose_tokens, now
 
@@ -137,6 +138,7 @@ class Engine:
         self._stopping = False
         self.steps = 0  # decode steps run (tests and stats)
         self.metrics.set_kv(self.cache.nbytes, max_batch_size, max_model_len)
+        self.grammars = JsonGrammars(self.tokenizer, self.eos_ids, self.vocab_size)
 
     # ------------------------------------------------------------------------------ public
     def describe_memory(self) -> str:
@@ -204,7 +206,7 @@ class Engine:
             for j in range(p.n):
                 seqs.append(Sequence(handle, index, p.ids, options, seed_offset=j, tokenizer=self.tokenizer,
                                      eos_ids=self.eos_ids, max_len=self.max_model_len, vocab_size=self.vocab_size,
-                                     device=self.device))
+                                     device=self.device, grammars=self.grammars))
                 index += 1
         with self._cv:
             running = self.max_batch_size - len(self._free)

@@ -5,6 +5,7 @@ argument the API does not have is refused with its name, as the OpenAI API does.
 change nothing here are accepted and ignored (`user`, `metadata`, `store`, ...); fields whose meaning this
 server cannot honour (tools, audio, ...) are refused by the app with a 400 that names them.
 Extensions that vLLM also takes: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`.
+`response_format` json_object / json_schema constrains the output to JSON (serve/grammar.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch
 
 from ..generation.sampling import Sampler, SamplingParams, process_logits
 from ..generation.text import TextAssembler
+from .grammar import allowed_tokens
 
 MAX_TOP_LOGPROBS = 20
 
@@ -44,6 +45,7 @@ class SequenceOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: str | None = None  # an llguidance grammar (response_format json_object / json_schema)
 
 
 @dataclass
@@ -76,7 +78,8 @@ class Sequence:
     """One choice in flight: prompt + generated ids, its KV slot, its sampler, penalties and text."""
 
     def __init__(self, handle: Any, index: int, prompt: list[int], options: SequenceOptions, *, seed_offset: int,
-                 tokenizer: Any, eos_ids: Seq[int], max_len: int, vocab_size: int, device: torch.device):
+                 tokenizer: Any, eos_ids: Seq[int], max_len: int, vocab_size: int, device: torch.device,
+                 grammars: Any = None):
         self.handle, self.index, self.options = handle, index, options
         self.ids = list(prompt)
         self.n_prompt = len(prompt)
@@ -97,6 +100,8 @@ class Sequence:
         if options.presence_penalty or options.frequency_penalty:
             self.counts = torch.zeros(vocab_size, device=device)
         self.t_last = 0.0  # when the last token was emitted (inter-token latency)
+        self.vocab_size = vocab_size
+        self.matcher = grammars.matcher(options.grammar) if options.grammar is not None else None
 
     @property
     def prefilling(self) -> bool:
@@ -104,16 +109,19 @@ class Sequence:
 
     @property
     def adjusts_logits(self) -> bool:
-        return self.counts is not None or bool(self.options.logit_bias)
+        return self.counts is not None or bool(self.options.logit_bias) or self.matcher is not None
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """The OpenAI adjustments of this row's raw logits (V,), in place: logit_bias, presence, frequency."""
+        """The OpenAI adjustments of this row's raw logits (V,), in place: logit_bias, presence, frequency;
+        then the grammar's mask (tokens that cannot continue the JSON get -inf)."""
         o = self.options
         if o.logit_bias:
             ids = torch.tensor(list(o.logit_bias), device=logits.device)
             logits.index_add_(0, ids, torch.tensor(list(o.logit_bias.values()), device=logits.device))
         if self.counts is not None:
             logits -= o.presence_penalty * (self.counts > 0) + o.frequency_penalty * self.counts
+        if self.matcher is not None:
+            logits.masked_fill_(~allowed_tokens(self.matcher, self.vocab_size), float("-inf"))
         return logits
 
     def accept(self, token: int, logprob: TokenLogprob | None, now: float) -> Output:
@@ -123,9 +131,12 @@ class Sequence:
         self.t_last = now
         if self.counts is not None:
             self.counts[token] += 1
-        finish = None
+        finish = error = None
         if token in self.eos:
             text, finish = "", "stop"
+        elif self.matcher is not None and not self.matcher.consume_token(token) or \
+                self.matcher is not None and self.matcher.is_error():
+            text, finish, error = "", "error", f"constrained decoding failed: {self.matcher.get_error()}"
         else:
             text = self.assembler.push(token)
             if self.assembler.stopped:
@@ -135,7 +146,7 @@ class Sequence:
         if finish is not None:
             text += self.assembler.finish()
             self.finished = True
-        return Output(self.index, text, [token], [logprob] if logprob is not None else None, finish)
+        return Output(self.index, text, [token], [logprob] if logprob is not None else None, finish, error)
 
 
 def choose_tokens(seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
