@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -339,8 +340,6 @@ def _add_serve_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     for name, low in (("port", 0), ("max_batch_size", 1), ("max_queue", 0), ("prefill_chunk", 1)):
         if getattr(args, name) < low:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -396,6 +395,12 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perpl
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # The server's HTTP thread shares the cores with torch's OpenMP workers. Spinning workers (the
+        # default) starve it and each other as soon as a core is busy elsewhere: decode ran several times
+        # slower (bench/RESULTS.md, "Serving"). Read when torch loads, so set before any import of it;
+        # a value the user set wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if argv[:1] == ["bench"]:  # the benchmark has its own options: hand them over untouched
         from .bench import main as bench_main
 
