@@ -67,6 +67,25 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------ servers
+# llama-cpp-python's server (`python -m llama_cpp.server`), with two settings this machine needs, both measured
+# (bench/RESULTS.md, "Serving"): llama.cpp's extra weight buffer types are off, since its AMX buffer type
+# (chosen on this CPU) crashes with SIGSEGV on every prompt of more than one token; and OpenMP workers wait
+# passively (OMP_WAIT_POLICY=PASSIVE, in its environment): with spinning workers llama.cpp decoded 0.33 tok/s
+# instead of 35 while another process used a core.
+LLAMA_LAUNCHER = """
+import sys
+import llama_cpp.llama_cpp as C
+_defaults = C.llama_model_default_params
+def _params():
+    p = _defaults()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = _params
+from llama_cpp.server.__main__ import main
+sys.argv[0] = "llama_cpp.server"
+main()
+"""
+
 class ServerProcess:
     def __init__(self, mode: str, model: str, *, threads: int, max_batch_size: int, max_model_len: int, log: Path):
         spec = MODES[mode]
@@ -78,9 +97,11 @@ class ServerProcess:
                    "--served-model-name", "model", "--max-batch-size", str(max_batch_size),
                    "--max-model-len", str(max_model_len), *spec["args"]]
         else:
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", "model",
+            env["OMP_WAIT_POLICY"] = "PASSIVE"  # as leanformers serve sets it: see LLAMA_LAUNCHER
+            cmd = [sys.executable, "-c", LLAMA_LAUNCHER, "--model", model, "--model_alias", "model",
                    "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(max_model_len),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--verbose", "False"]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--verbose", "False",
+                   "--interrupt_requests", "False"]  # its default: a new request cuts the streaming one off
         self.log = log
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -214,6 +235,52 @@ def summarize(results: list[dict[str, Any]], wall: float, max_tokens: int) -> di
             "errors": sorted({r.get("error", "") for r in results if not r["ok"]})[:3]}
 
 
+# ------------------------------------------------------------------------------------------ the bound
+BOUND_WORKER = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import leanformers
+from leanformers.serve.engine import batch_buckets
+spec = json.loads(sys.argv[2])
+torch.set_num_threads(spec["threads"])
+kw = {"quantize": "int4"} if "--quantize" in spec["args"] else {"dtype": spec["args"][spec["args"].index("--dtype") + 1]}
+lm = leanformers.load(spec["model"], progress=False, **kw)
+if "--compile" in spec["args"]:
+    lm.compile(cache_bucket=spec["len"], max_graphs=len(batch_buckets(spec["batch"])))
+cache = lm.step.make_cache(spec["batch"], spec["len"])
+out = {}
+with torch.inference_mode():
+    for b in (1, spec["batch"]):
+        view = cache.rows(0, b)
+        tok = torch.zeros(b, 1, dtype=torch.long)
+        pos = torch.full((b, 1), spec["pos"])
+        for _ in range(3):
+            lm.step(tok, pos, view)
+        times = []
+        for _ in range(spec["steps"]):
+            t = time.perf_counter()
+            lm.step(tok, pos, view)
+            times.append(time.perf_counter() - t)
+        out[b] = sorted(times)[len(times) // 2]
+print(json.dumps(out))
+"""
+
+
+def step_bound(mode: str, model: str, *, threads: int, batch: int, max_len: int) -> dict[str, float]:
+    """The decode step alone (no server): median seconds per step at batch 1 and at `batch`, rows at position
+    100 (a chat prompt plus some output). batch * t(1) / t(batch) bounds what continuous batching can gain."""
+    spec = {"model": model, "args": MODES[mode]["args"], "threads": threads, "batch": batch, "len": max_len,
+            "pos": 100, "steps": 15}
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = subprocess.run([sys.executable, "-c", BOUND_WORKER, str(ROOT / "src"), json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    t = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    return {"step_ms_1": 1000 * t[1], f"step_ms_{batch}": 1000 * t[batch],
+            "tok_s_1": 1 / t[1], f"tok_s_{batch}": batch / t[batch], "bound_ratio": batch * t[1] / t[batch]}
+
+
 # ------------------------------------------------------------------------------------------ main
 def eos_bias(model: str) -> dict[str, float]:
     """logit_bias that suppresses every end-of-sequence id of the model (same ids for every server)."""
@@ -243,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-timeout", type=float, default=1800, help="seconds a server may take to start "
                                                                      "(a first compile builds several graphs)")
     p.add_argument("--quick", action="store_true", help="one round, 8 prompts, 16 tokens: a smoke test")
+    p.add_argument("--bound", action="store_true", help="also time the decode step alone at batch 1 and at "
+                                                        "--max-batch-size for each leanformers mode (the ceiling)")
     p.add_argument("--out", default=str(RESULTS / "serve"), help="results path without suffix (.json, .md)")
     args = p.parse_args(argv)
     if args.model is None:
@@ -286,8 +355,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs[mode].append(row)
             finally:
                 srv.stop()
+    bounds = {}
+    if args.bound:
+        for mode in modes:
+            if MODES[mode]["lib"] == "leanformers":
+                bounds[mode] = step_bound(mode, args.model, threads=args.threads, batch=args.max_batch_size,
+                                          max_len=args.max_model_len)
+                print(f"bound {mode}: {bounds[mode]}", flush=True)
     report = {"model": args.model, "args": vars(args), "modes": modes, "skipped": skipped, "runs": runs,
-              "cpu": os.cpu_count(), "load_avg": os.getloadavg()}
+              "bounds": bounds, "cpu": os.cpu_count(), "load_avg": os.getloadavg()}
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(report, indent=1))
     table = render(report, levels)
@@ -321,6 +397,14 @@ def render(report: dict[str, Any], levels: list[int]) -> str:
         if "llama.cpp" in runs and runs["llama.cpp"]:
             rs = [a[top]["output_tok_s"] / b[top]["output_tok_s"] for a, b in zip(runs[m], runs["llama.cpp"])]
             lines.append(f"| {m}: c={top} / llama.cpp c={top} | {med(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f}) |")
+    if report.get("bounds"):
+        b = next(iter(report["bounds"].values()))
+        big = [k for k in b if k.startswith("step_ms_") and k != "step_ms_1"][0].removeprefix("step_ms_")
+        lines += ["", f"| decode step alone (no server) | ms/step batch 1 | ms/step batch {big} | tok/s batch 1 | "
+                      f"tok/s batch {big} | ceiling of c={big} / c=1 |", "|---|---:|---:|---:|---:|---:|"]
+        for m, b in report["bounds"].items():
+            lines.append(f"| {m} | {b['step_ms_1']:.1f} | {b['step_ms_' + big]:.1f} | {b['tok_s_1']:.1f} | "
+                         f"{b['tok_s_' + big]:.1f} | {b['bound_ratio']:.2f}x |")
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{m} ({why})" for m, why in report["skipped"].items())]
     return "\n".join(lines) + "\n"
