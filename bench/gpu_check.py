@@ -1,4 +1,4 @@
-"""GPU check for leanformers: CPU-vs-CUDA parity (eager and compiled) and a ~1B decode benchmark.
+"""GPU check for leanformers: CPU-vs-CUDA parity (eager and compiled), a ~1B decode benchmark, the training loop.
 
 Needs: torch with CUDA (>= 2.5; tested with 2.11/2.13) and Triton (ships with CUDA torch wheels),
 numpy. No download: every model here is a random-weight ModelConfig built in memory. Run from the repo
@@ -13,6 +13,8 @@ root (it puts src/ on sys.path), normally through bench/gpu_check.sh:
 (b) decode speed, batch 1, of a random ~1B Llama (hidden 2048, 16 layers, 32 heads, 8 kv heads,
     intermediate 8192, vocab 32000; --tiny: a small one): eager vs compiled bf16, plus int8/int4 when
     leanformers.quantize is present and works on the device.
+(c) fine-tuning loop (leanformers.train): full fine-tuning steps of a tiny random model in fp32,
+    bf16-mixed, fp16-mixed (GradScaler) and bf16-true, losses against CPU fp32 (--skip-train to skip).
 
 Prints Markdown tables; writes gpu_check.json to --out or $OUT (when set). Exit status 1 when a parity
 check fails.
@@ -230,6 +232,56 @@ def speed(device: str, cfg: dict, mode: str | None, new_tokens: int, runs: int, 
     return rows
 
 
+def training_check(device: str, steps: int = 6) -> tuple[list[dict], bool]:
+    """(c) The fine-tuning loop (leanformers.train) on DEVICE: a few full fine-tuning steps of a tiny random
+    model per precision, losses against CPU fp32 (the same initial weights and batches)."""
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.data import Dataset, Row
+    from leanformers.train.loop import TrainLoop
+    from leanformers.train.loss import causal_lm_loss
+    from leanformers.train.optim import Precision
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(steps * 4):
+        n = int(torch.randint(16, 128, (1,), generator=g))
+        ids = torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist()
+        rows.append(Row(ids, ids, [1] * n, list(range(n))))
+
+    def run(dev: str, precision: str) -> tuple[list[float], float]:
+        model = random_model(TINY, seed=3, device=dev, dtype=torch.float32)
+        model.requires_grad_(True)
+        losses: list[float] = []
+        with tempfile.TemporaryDirectory() as out:
+            args = FinetuneArgs(model="random", data="-", output_dir=out, method="full", max_steps=steps,
+                                batch_size=4, lr=1e-3, lr_schedule="constant", precision=precision, save_every=None,
+                                device=dev, progress=False, callback=lambda r: losses.append(r["loss"])).check()
+            loop = TrainLoop(model, causal_lm_loss, Dataset(rows, 4, 1, 0, 0), args,
+                             Precision(precision, torch.device(dev)), Path(out))
+            t0 = time.perf_counter()
+            res = loop.run()
+            sync(dev)
+            return losses, res.tokens / (time.perf_counter() - t0)
+
+    ref, _ = run("cpu", "fp32")
+    modes = ["fp32"] + (["bf16-mixed", "fp16-mixed", "bf16-true"] if device.startswith("cuda") else [])
+    out_rows, ok = [], True
+    for precision in modes:
+        try:
+            losses, tps = run(device, precision)
+        except Exception as exc:  # report and go on
+            out_rows.append({"precision": precision, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            ok = False
+            continue
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+        tol = 1e-3 if precision == "fp32" else 5e-2
+        passed = rel <= tol and losses[-1] < losses[0]
+        ok &= passed
+        out_rows.append({"precision": precision, "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
+                         "max_rel_vs_cpu_fp32": f"{rel:.1e}", "tokens_per_s": round(tps), "pass": passed})
+    return out_rows, ok
+
+
 def table(rows: list[dict]) -> str:
     cols: list[str] = []
     for r in rows:
@@ -249,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=None, help="timed runs per mode, median reported (default 3; --tiny 1)")
     p.add_argument("--no-quant", action="store_true", help="skip the int8/int4 rows")
     p.add_argument("--skip-speed", action="store_true", help="parity only")
+    p.add_argument("--skip-train", action="store_true", help="skip the fine-tuning loop check")
     p.add_argument("--budget", type=float, default=240.0,
                    help="seconds after which remaining speed rows are skipped (default 240: ends within 5 minutes)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_check.json (default: $OUT)")
@@ -273,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         print("## (b) decode speed, batch 1", flush=True)
         speed_rows = speed(args.device, SMALL if args.tiny else ONE_B, args.mode, new_tokens, runs,
                            quant=not args.no_quant, deadline=t0 + args.budget)
+    train_rows: list[dict] = []
+    if not args.skip_train:
+        print("## (c) fine-tuning loop", flush=True)
+        train_rows, train_ok = training_check(args.device)
+        ok = ok and train_ok
     elapsed = time.perf_counter() - t0
     print("\n### Parity (reference: CPU float32 eager)\n")
     print(table(parity_rows))
@@ -280,8 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### Decode speed ({'small' if args.tiny else '~1B'} random Llama, batch 1, {new_tokens} new tokens, "
               f"median of {runs})\n")
         print(table(speed_rows))
+    if train_rows:
+        print("\n### Fine-tuning loop (tiny random model, full, 6 steps; reference: CPU fp32 losses)\n")
+        print(table(train_rows))
     print(f"\nparity: {'PASS' if ok else 'FAIL'}; total {elapsed:.0f}s")
-    result = {"info": info, "parity": parity_rows, "parity_ok": ok, "speed": speed_rows, "seconds": round(elapsed, 1)}
+    result = {"info": info, "parity": parity_rows, "parity_ok": ok, "speed": speed_rows, "train": train_rows,
+              "seconds": round(elapsed, 1)}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

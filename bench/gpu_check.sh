@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for leanformers (parity CPU vs CUDA, eager vs compiled; ~1B decode benchmark). < 5 minutes.
+# GPU check for leanformers (parity CPU vs CUDA, eager vs compiled; ~1B decode benchmark; fine-tuning loop
+# in fp32, bf16-mixed, fp16-mixed and bf16-true). < 5 minutes.
 #
 #   bash bench/gpu_check.sh            # from the repo root on a CUDA machine; JSON -> $OUT/gpu_check.json
 #   bash bench/gpu_check.sh --no-quant # extra arguments go to bench/gpu_check.py (see --help)

@@ -15,8 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_VOCAB = 384
+# Weight init std of the tiny models. transformers' default (0.02) gives near-uniform attention and top-2
+# logit margins of ~0.03, where a rope base 50x wrong moved logits by only 3e-4; with 0.15 the largest
+# attention weight is 4-8x uniform, the median top-2 margin ~0.2 and that rope error moves logits by
+# 0.5-4 (test_loading.py::test_tiny_models_carry_signal keeps it so).
+TINY_INIT_STD = 0.15
 
 # Each tiny config exercises one family switch; all are small enough for a fast float32 forward.
+# Every family has a GQA ratio >= 2 with >= 2 KV heads (a wrong query-head -> KV-head mapping shows);
+# linear_rope_bias is the one multi-head (ratio 1) case.
 TINY_CONFIGS: dict[str, dict] = {
     "llama3": dict(
         model_type="llama", vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -28,7 +35,7 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "mistral": dict(
         model_type="mistral", vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=256, sliding_window=5,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256, sliding_window=5,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     ),
     "qwen2": dict(
@@ -38,7 +45,7 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "smollm2": dict(
         model_type="llama", vocab_size=TINY_VOCAB, hidden_size=48, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     ),
     "linear_rope_bias": dict(
@@ -90,7 +97,7 @@ def save_tiny_model(kind: str, directory: Path, *, dtype: torch.dtype = torch.fl
 
     cfg = dict(TINY_CONFIGS[kind])
     model_type = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    config = transformers.AutoConfig.for_model(model_type, initializer_range=TINY_INIT_STD, **cfg)
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), and the tiny models must not
     torch.manual_seed(zlib.crc32(kind.encode()) % 1000)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

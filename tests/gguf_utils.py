@@ -44,25 +44,44 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's converter writes HF model_type -> GGUF architecture: Mistral is written as `llama` (llama.cpp
+# has no `mistral` architecture; Mistral GGUFs on the Hub say `llama`), Qwen2 as `qwen2`.
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# Architectures whose q/k rows llama.cpp permutes (its "normal" rope layout); qwen2 uses the NEOX layout
+# and is stored as HF has it. `mistral` is leanformers' own name for a Mistral file (see test_loading).
+PERMUTED_ARCHS = ("llama", "mistral")
+# GGML block length of each quantized type: a row that is not a multiple of it is stored as F16 instead,
+# as llama.cpp's quantizer does for such tensors.
+_BLOCK = {GGMLQuantizationType.Q8_0: 32, GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q4_1: 32}
+
+
 def write_gguf_from_hf_dir(
     hf_dir: Path,
     out: Path,
     *,
     qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
     kquant: GGMLQuantizationType | None = None,
-    arch: str = "llama",
+    arch: str | None = None,
+    name: str | None = None,
     with_tokenizer: bool = True,
 ) -> Path:
-    """Convert a tiny transformers checkpoint (safetensors) into a GGUF file with 2-D weights in `qtype`."""
+    """Convert a tiny transformers checkpoint (safetensors) into a GGUF file with 2-D weights in `qtype`.
+
+    arch: the GGUF architecture (default: what llama.cpp writes for the config's model_type, GGUF_ARCH);
+    name: general.name (transformers reads a `llama` file named exactly "mistral" as a Mistral model).
+    """
     from safetensors.torch import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = arch or GGUF_ARCH[cfg["model_type"]]
     state: dict[str, torch.Tensor] = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         state.update(load_file(f))
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     w = GGUFWriter(str(out), arch)
+    if name is not None:
+        w.add_name(name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
@@ -75,30 +94,31 @@ def write_gguf_from_hf_dir(
     rope = cfg.get("rope_parameters") or {}
     w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "mistral" and cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(0)
     if with_tokenizer:
         _add_gpt2_tokenizer(w, hf_dir, cfg["vocab_size"])
     tie = cfg.get("tie_word_embeddings", False)
-    for name, t in state.items():
-        if tie and name == "lm_head.weight":
+    for hf_name, t in state.items():
+        if tie and hf_name == "lm_head.weight":
             continue
         a = t.float().numpy()
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            a = permute_rows(a, n_head)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            a = permute_rows(a, n_kv)
+        if arch in PERMUTED_ARCHS and ("q_proj." in hf_name or "k_proj." in hf_name):
+            a = permute_rows(a, n_head if "q_proj." in hf_name else n_kv)
         if a.ndim == 2 and kquant is not None and a.shape[1] % 256 == 0:
-            q = random_kquant_blocks(a.shape[0], a.shape[1], kquant, seed=len(name))
-            w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=kquant)
-        elif a.ndim == 2 and qtype not in (GGMLQuantizationType.F32,):
-            if qtype == GGMLQuantizationType.F16:
-                w.add_tensor(gguf_name(name), a.astype(np.float16))
-            else:
-                q = quantize(a, qtype)
-                w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
+            q, _ = kquant_blocks(a.shape[0], a.shape[1], kquant, seed=len(hf_name))
+            w.add_tensor(gguf_name(hf_name), q, raw_shape=q.shape, raw_dtype=kquant)
+        elif a.ndim == 2 and qtype == GGMLQuantizationType.F16 or (
+            a.ndim == 2 and qtype in _BLOCK and a.shape[1] % _BLOCK[qtype]
+        ):
+            w.add_tensor(gguf_name(hf_name), a.astype(np.float16))
+        elif a.ndim == 2 and qtype != GGMLQuantizationType.F32:
+            q = quantize(a, qtype)
+            w.add_tensor(gguf_name(hf_name), q, raw_shape=q.shape, raw_dtype=qtype)
         else:
-            w.add_tensor(gguf_name(name), a.astype(np.float32))
+            w.add_tensor(gguf_name(hf_name), a.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -106,22 +126,90 @@ def write_gguf_from_hf_dir(
     return out
 
 
-_KQUANT_LAYOUT = {  # block bytes, byte offsets of float16 scale fields inside a block
-    GGMLQuantizationType.Q4_K: (144, (0, 2)),
-    GGMLQuantizationType.Q5_K: (176, (0, 2)),
-    GGMLQuantizationType.Q6_K: (210, (208,)),
-}
+# ------------------------------------------------------------------------------------------ K-quants
+# Encoders written from ggml's block layouts (ggml-common.h block_q4_K / block_q5_K / block_q6_K and the
+# bit packing of ggml-quants.c), independent of the gguf package: the tests build blocks from chosen
+# integer codes and scales and know every value they must dequantize to. Super-blocks of 256 weights.
+QK_K = 256
 
 
-def random_kquant_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, *, seed: int = 0) -> np.ndarray:
-    """Random but valid K-quant data (finite, small float16 scales); the gguf package cannot quantize K types."""
-    size, scale_offsets = _KQUANT_LAYOUT[qtype]
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _pack_scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and 8 six-bit mins per block -> the 12-byte `scales` field of Q4_K/Q5_K."""
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)  # low 6 bits: scales 0-3; top 2: scales 4-7 bits 4-5
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)  # low nibbles of scales/mins 4-7
+    return out
+
+
+def encode_q4_k(d, dmin, sc, m, q) -> np.ndarray:
+    """Blocks (n, 144): value[32*j + l] = d * sc[j] * q[32*j + l] - dmin * m[j]; sc, m in 0..63, q in 0..15."""
+    n = q.shape[0]
+    qs = np.zeros((n, 128), dtype=np.uint8)
+    for pair in range(4):  # sub-blocks 2*pair (low nibbles) and 2*pair + 1 (high nibbles) share 32 bytes
+        lo, hi = q[:, 64 * pair : 64 * pair + 32], q[:, 64 * pair + 32 : 64 * pair + 64]
+        qs[:, 32 * pair : 32 * pair + 32] = lo | (hi << 4)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, m), qs], axis=1)
+
+
+def encode_q5_k(d, dmin, sc, m, q) -> np.ndarray:
+    """Blocks (n, 176): as Q4_K with q in 0..31; the fifth bits of sub-block j live in bit j of qh[l]."""
+    n = q.shape[0]
+    qh = np.zeros((n, 32), dtype=np.uint8)
+    qs = np.zeros((n, 128), dtype=np.uint8)
+    for pair in range(4):
+        lo, hi = q[:, 64 * pair : 64 * pair + 32], q[:, 64 * pair + 32 : 64 * pair + 64]
+        qs[:, 32 * pair : 32 * pair + 32] = (lo & 0xF) | ((hi & 0xF) << 4)
+        qh |= ((lo >> 4) << (2 * pair)) | ((hi >> 4) << (2 * pair + 1))
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, m), qh, qs], axis=1)
+
+
+def encode_q6_k(d, sc, q) -> np.ndarray:
+    """Blocks (n, 210): value[i] = d * sc[i // 16] * (q[i] - 32); sc int8, q in 0..63."""
+    n = q.shape[0]
+    ql = np.zeros((n, 128), dtype=np.uint8)
+    qh = np.zeros((n, 64), dtype=np.uint8)
+    for half in range(2):  # 128 weights: four runs of 32 share 64 bytes of low nibbles and 32 of high bits
+        r = [q[:, 128 * half + 32 * k : 128 * half + 32 * k + 32] for k in range(4)]
+        ql[:, 64 * half : 64 * half + 32] = (r[0] & 0xF) | ((r[2] & 0xF) << 4)
+        ql[:, 64 * half + 32 : 64 * half + 64] = (r[1] & 0xF) | ((r[3] & 0xF) << 4)
+        qh[:, 32 * half : 32 * half + 32] = (r[0] >> 4) | ((r[1] >> 4) << 2) | ((r[2] >> 4) << 4) | ((r[3] >> 4) << 6)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+KQUANT_BLOCK_BYTES = {GGMLQuantizationType.Q4_K: 144, GGMLQuantizationType.Q5_K: 176, GGMLQuantizationType.Q6_K: 210}
+
+
+def kquant_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, *, seed: int = 0,
+                  dyadic: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Random K-quant data and the float64 values it encodes: (raw uint8 (rows, cols/256*bytes), values).
+
+    dyadic: super-block scales are powers of two, so every value is exact in float32 too."""
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
-    for off in scale_offsets:
-        d = rng.uniform(0.001, 0.01, size=blocks.shape[0]).astype(np.float16)
-        blocks[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(rows, cols // 256 * size)
+    n = rows * cols // QK_K
+
+    def scale(lo: int, hi: int) -> np.ndarray:
+        if dyadic:
+            return np.float16(2.0) ** -rng.integers(lo, hi, size=n).astype(np.float16)
+        return rng.uniform(2.0**-hi, 2.0**-lo, size=n).astype(np.float16)
+
+    u8 = lambda top, shape: rng.integers(0, top, size=shape, dtype=np.uint8)  # noqa: E731
+    if qtype == GGMLQuantizationType.Q6_K:
+        d, sc, q = scale(10, 14), rng.integers(-128, 128, size=(n, 16)), u8(64, (n, QK_K))
+        raw = encode_q6_k(d, sc, q)
+        values = d.astype(np.float64)[:, None] * np.repeat(sc, 16, axis=1) * (q.astype(np.float64) - 32)
+    else:
+        top = 16 if qtype == GGMLQuantizationType.Q4_K else 32
+        d, dmin, sc, m, q = scale(8, 12), scale(8, 12), u8(64, (n, 8)), u8(64, (n, 8)), u8(top, (n, QK_K))
+        raw = (encode_q4_k if top == 16 else encode_q5_k)(d, dmin, sc, m, q)
+        values = (d.astype(np.float64)[:, None] * np.repeat(sc, 32, axis=1) * q
+                  - dmin.astype(np.float64)[:, None] * np.repeat(m, 32, axis=1))
+    assert raw.shape == (n, KQUANT_BLOCK_BYTES[qtype])
+    return raw.reshape(rows, -1), values.reshape(rows, cols)
 
 
 def _add_gpt2_tokenizer(w: GGUFWriter, hf_dir: Path, vocab_size: int) -> None:

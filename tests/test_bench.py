@@ -83,6 +83,7 @@ def test_gpu_check_cpu_mode_runs(tmp_path):
     assert result["parity_ok"] and len(result["parity"]) == 4
     assert [r["mode"] for r in result["speed"]] == ["eager float32", "compiled float32"]
     assert all(r.get("decode_tok_s", 0) > 0 for r in result["speed"])
+    assert [r["precision"] for r in result["train"]] == ["fp32"] and result["train"][0]["pass"]
 
 
 def test_bench_load_small_runs():

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import leanformers
 from leanformers.errors import InvalidArgumentError, LeanformersError
-from leanformers.generation.sampling import SamplingParams, apply_min_p, apply_top_k, apply_top_p, sample
-from leanformers.generation.text import TextAssembler
+from leanformers.generation.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -108,95 +105,11 @@ def test_temperature_to_zero_equals_greedy(tiny):
     assert cold.token_ids == greedy.token_ids
 
 
-def test_repetition_penalty_changes_greedy_choice():
-    logits = torch.tensor([[3.0, 2.9, -1.0, -1.2]])
-    history = torch.tensor([[0]])
-    assert sample(logits, SamplingParams()).item() == 0
-    assert sample(logits, SamplingParams(repetition_penalty=1.5), history=history).item() == 1
-    neg = torch.tensor([[-1.0, -1.1]])
-    assert sample(neg, SamplingParams(repetition_penalty=2.0), history=torch.tensor([[0]])).item() == 1
-
-
-_logits = st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=40).map(lambda v: torch.tensor([v]))
-
-
-@settings(max_examples=150, deadline=None)
-@given(logits=_logits, k=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
-def test_top_k_never_leaves_allowed_set(logits, k, seed):
-    allowed = set(torch.argsort(logits[0], descending=True)[: min(k, logits.shape[1])].tolist())
-    kth = logits[0].sort(descending=True).values[min(k, logits.shape[1]) - 1]
-    allowed |= set(torch.nonzero(logits[0] >= kth).flatten().tolist())  # ties at the boundary stay
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(5):
-        tok = sample(logits, SamplingParams(temperature=1.0, top_k=k), g).item()
-        assert tok in allowed
-    assert torch.isinf(apply_top_k(logits, k)[0][[i for i in range(logits.shape[1]) if i not in allowed]]).all()
-
-
-@settings(max_examples=150, deadline=None)
-@given(logits=_logits, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
-def test_top_p_never_leaves_nucleus(logits, p, seed):
-    probs = logits[0].softmax(-1)
-    kept_mask = torch.isfinite(apply_top_p(logits, p)[0])
-    kept, dropped = probs[kept_mask], probs[~kept_mask]
-    assert kept.numel() >= 1
-    assert kept.sum() >= p - 1e-5  # the nucleus reaches p ...
-    assert kept.sum() - kept.min() < p + 1e-5  # ... and is minimal: without its least likely token it would not
-    if dropped.numel():
-        assert kept.min() >= dropped.max() - 1e-7  # made of the most likely tokens
-    allowed = set(kept_mask.nonzero().flatten().tolist())
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(5):
-        assert sample(logits, SamplingParams(temperature=1.0, top_p=p), g).item() in allowed
-
-
-@settings(max_examples=150, deadline=None)
-@given(logits=_logits, min_p=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
-def test_min_p_never_emits_unlikely_tokens(logits, min_p, seed):
-    probs = logits[0].softmax(-1)
-    allowed = set(torch.nonzero(probs >= probs.max() * min_p).flatten().tolist())
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(5):
-        assert sample(logits, SamplingParams(temperature=1.0, min_p=min_p), g).item() in allowed
-    assert set(torch.isfinite(apply_min_p(logits, min_p)[0]).nonzero().flatten().tolist()) == allowed
+# Sampler semantics against transformers' processors: tests/test_sampling.py.
 
 
 # ------------------------------------------------------------------------------------- text and stop
-class _ByteTokenizer:
-    """One token per UTF-8 byte; decode shows incomplete characters as U+FFFD like real tokenizers."""
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-def _assemble(text: str, stop=()):
-    asm = TextAssembler(_ByteTokenizer(), stop)
-    pieces = [asm.push(b) for b in text.encode()]
-    pieces.append(asm.finish())
-    return pieces, asm
-
-
-def test_streaming_holds_back_split_utf8():
-    text = "héllo 你好 🤗👩‍👩‍👧 ok"
-    pieces, asm = _assemble(text)
-    assert "".join(pieces) == text == asm.text
-    assert all("\ufffd" not in p for p in pieces)
-    assert len([p for p in pieces if p]) > 5  # really incremental
-
-
-@pytest.mark.parametrize("stop", [["STOP"], ["xx", "STOP"], ["\n\n"]])
-def test_stop_string_split_across_tokens(stop):
-    text = "abc STOP def\n\nghi" if stop != ["\n\n"] else "abc ST\n\nOP"
-    pieces, asm = _assemble(text, stop)
-    cut = min(text.find(s) for s in stop if s in text)
-    assert asm.stopped and asm.text == text[:cut]
-    assert "".join(pieces) == text[:cut]
-    assert not any(s in "".join(pieces) for s in stop)
-
-
-def test_partial_stop_prefix_is_released_at_the_end():
-    pieces, asm = _assemble("the end ST", ["STOP"])
-    assert not asm.stopped and "".join(pieces) == "the end ST"
+# TextAssembler (stop strings, UTF-8 streaming) on its own: tests/test_text.py.
 
 
 def test_stop_strings_in_generate(tiny):
@@ -272,6 +185,15 @@ PROMPTS = [
 ]
 
 
+def test_defaults_come_from_generation_config_or_the_fallback(tiny, lf_smollm2):
+    from leanformers.generation.config import FALLBACK, GenerationConfig
+
+    assert tiny.defaults == GenerationConfig()  # transformers' save_pretrained wrote a generation_config.json
+    assert lf_smollm2.defaults == FALLBACK and FALLBACK.repetition_penalty == 1.1  # a GGUF file has none
+    sampled = GenerationConfig.from_hf({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 64})
+    assert (sampled.temperature, sampled.top_k, sampled.top_p, sampled.max_new_tokens) == (0.6, 50, 0.9, 64)
+
+
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers(lf_smollm2, hf_smollm2):
     model, tok = hf_smollm2
@@ -281,10 +203,10 @@ def test_greedy_generation_matches_transformers(lf_smollm2, hf_smollm2):
             msgs = [{"role": "user", "content": prompt}]
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             ids = tok(text, add_special_tokens=False).input_ids
-            ours = lf_smollm2.chat(msgs, max_new_tokens=128, ignore_eos=True)
+            ours = lf_smollm2.chat(msgs, max_new_tokens=128, ignore_eos=True, repetition_penalty=None)
         else:
             ids = tok(prompt).input_ids
-            ours = lf_smollm2.generate(prompt, max_new_tokens=128, ignore_eos=True)
+            ours = lf_smollm2.generate(prompt, max_new_tokens=128, ignore_eos=True, repetition_penalty=None)
         x = torch.tensor([ids])
         with torch.no_grad():  # explicit mask: the chat prompt contains <|im_end|>, which is also the pad id
             ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128, do_sample=False,

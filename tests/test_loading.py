@@ -8,6 +8,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -16,7 +17,7 @@ import leanformers
 from leanformers.errors import CheckpointError, ConfigError, LeanformersError, ModelNotFoundError, UnsupportedModelError
 
 from conftest import TINY_CONFIGS, TINY_VOCAB, save_tiny_model
-from gguf_utils import write_gguf_from_hf_dir
+from gguf_utils import kquant_blocks, write_gguf_from_hf_dir
 
 
 def _reference(directory: Path, **kw):
@@ -40,6 +41,51 @@ def test_logits_match_transformers(tiny_models, kind):
         ours, theirs = lm.model(ids), ref(ids).logits
     assert ours.shape == theirs.shape == (3, 24, TINY_VOCAB)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_tiny_models_carry_signal(tiny_models, tmp_path, kind):
+    """Parity within 1e-4 proves something only if plausible bugs move logits by far more: a rope base 50x
+    wrong, KV heads served to the wrong query heads, attention that is not near-uniform, top-2 margins
+    well above the tolerance (measured: rope 0.5-4, KV swap 5-8, median margin 0.17-0.28, the largest
+    attention weight 2.7-5.7x uniform)."""
+    lm = leanformers.load(str(tiny_models[kind]), dtype="float32", progress=False)
+    cfg = json.loads((tiny_models[kind] / "config.json").read_text())
+    rope = dict(cfg["rope_parameters"], rope_theta=cfg["rope_parameters"]["rope_theta"] * 50)
+    wrong_rope = leanformers.load(str(_with_config(tiny_models[kind], tmp_path / "rope", rope_parameters=rope)),
+                                  dtype="float32", progress=False)
+    ids = _ids(length=24)
+    with torch.no_grad():
+        logits = lm.model(ids)
+        assert (wrong_rope.model(ids) - logits).abs().max() > 0.2
+        ref = _reference(tiny_models[kind], attn_implementation="eager")
+        attn = ref(ids, output_attentions=True).attentions
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).median() > 0.1
+    for a in attn:  # (B, H, T, T): each late query's largest weight, against uniform over the keys it sees
+        late = a[..., 8:, :]
+        assert (late.amax(-1) * (late > 0).sum(-1)).mean() > 2.0
+    n_heads, n_kv = lm.config.num_attention_heads, lm.config.num_key_value_heads
+    if kind == "linear_rope_bias":
+        assert n_kv == n_heads  # the multi-head case
+        return
+    assert n_kv >= 2 and n_heads // n_kv >= 2
+    d = lm.config.head_dim
+    with torch.no_grad():  # serve the KV heads to the wrong query groups: the logits must notice
+        for layer in lm.model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for p in (proj.weight, proj.bias):
+                    if p is not None:
+                        p.copy_(p.reshape(n_kv, d, *p.shape[1:]).roll(1, 0).reshape(p.shape))
+        assert (lm.model(ids) - logits).abs().max() > 1.0
 
 
 def test_config_variants_are_exercised(tiny_models):
@@ -153,6 +199,41 @@ def test_gguf_matches_transformers(tiny_models, tmp_path, qtype):
         assert (lm.model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("kind, qtype", [
+    ("mistral", Q.F32), ("mistral", Q.Q8_0), ("qwen2", Q.F32), ("qwen2", Q.Q4_1), ("qwen2", Q.BF16),
+    ("smollm2", Q.F32), ("smollm2", Q.F16),
+])
+def test_gguf_families_match_transformers(tiny_models, tmp_path, kind, qtype):
+    """Each family written as llama.cpp's converter writes it, read by transformers from the same file:
+    Mistral as architecture `llama` with q/k rows permuted (llama.cpp has no `mistral` architecture and
+    stores no sliding window for `llama`: neither reader applies one); Qwen2 as `qwen2`, rows not permuted,
+    q/k/v biases; the SmolLM2 shape with a tied head (hidden 48: rows not a multiple of a block stay F16)."""
+    g = write_gguf_from_hf_dir(tiny_models[kind], tmp_path / f"{kind}-{qtype.name}.gguf", qtype=qtype)
+    lm = leanformers.load(str(g), progress=False)
+    ref = _reference(g.parent, gguf_file=g.name)
+    expected_type = {"mistral": "llama", "qwen2": "qwen2", "smollm2": "llama"}[kind]
+    assert lm.config.model_type == ref.config.model_type == expected_type
+    assert lm.config.num_key_value_heads == 2 and lm.config.sliding_window is None
+    ids = _ids()
+    with torch.no_grad():
+        ours, theirs = lm.model(ids), ref(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert lm.config.tie_word_embeddings == (kind != "mistral")
+
+
+def test_gguf_mistral_architecture_matches_the_safetensors(tiny_models, tmp_path):
+    """A GGUF of architecture `mistral` (not written by llama.cpp, which writes Mistral as `llama`) is read
+    with llama.cpp's conventions for every Mistral architecture: q/k rows permuted, plus the sliding window
+    from `mistral.attention.sliding_window`. transformers cannot read it (gguf-py has no `mistral`
+    architecture), so the reference is transformers on the original safetensors; F32 is exact."""
+    g = write_gguf_from_hf_dir(tiny_models["mistral"], tmp_path / "mistral.gguf", arch="mistral")
+    lm = leanformers.load(str(g), progress=False)
+    assert lm.config.model_type == "mistral" and lm.config.layer_window(0) == 5 and lm.config.head_dim == 24
+    ids = _ids(length=24)  # beyond the window
+    with torch.no_grad():
+        assert (lm.model(ids) - _reference(tiny_models["mistral"])(ids).logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("kquant", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
 def test_gguf_kquants_match_transformers(tmp_path, kquant):
     import transformers
@@ -166,11 +247,52 @@ def test_gguf_kquants_match_transformers(tmp_path, kquant):
     write_tiny_tokenizer(d)
     g = write_gguf_from_hf_dir(d, tmp_path / "k.gguf", kquant=kquant)
     lm = leanformers.load(str(g), progress=False)
+    for name in ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"]:
+        rows, cols = lm.model.get_parameter(name).shape  # the values the writer encoded, independently of gguf
+        _, values = kquant_blocks(rows, cols, kquant, seed=len(name))
+        assert torch.equal(lm.model.get_parameter(name).double(), torch.from_numpy(values)), name
     ref = _reference(g.parent, gguf_file=g.name)
     ids = _ids()
     with torch.no_grad():
         ours, theirs = lm.model(ids), ref(ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("dyadic", [True, False])
+def test_kquant_blocks_dequantize_to_the_encoded_values(qtype, dyadic):
+    """Blocks built from chosen codes and scales with our own encoder of ggml's layout (tests/gguf_utils.py,
+    not gguf.quants): the reader must return d * scale * code - dmin * min (Q6_K: d * scale * (code - 32))."""
+    from leanformers.checkpoint.gguf import GGUFTensor
+
+    raw, values = kquant_blocks(3, 512, Q[qtype], seed=7, dyadic=dyadic)  # two super-blocks per row
+    got = GGUFTensor("blk.0.ffn_down.weight", qtype, (3, 512), raw).dequantize(torch.float32)
+    values = torch.from_numpy(values)
+    if dyadic:  # power-of-two super-block scales: every value is exact in float32
+        assert torch.equal(got.double(), values)
+    else:  # float16 scales: float32 products round (a few ulp of the largest term)
+        torch.testing.assert_close(got.double(), values, rtol=0, atol=2.0**-20 * float(values.abs().max()))
+    assert float(got.abs().max()) > 0.1 and len(set(got.flatten().tolist())) > 200  # not trivially zero
+
+
+def test_q6_k_hand_made_block():
+    """One Q6_K super-block written byte by byte: weight 0 has code 40 (low nibble 8, high bits 2) and
+    scale 3, weight 200 (second half, third run of 32, sub-block 12) code 5 and scale -7; d = 0.5."""
+    from leanformers.checkpoint.gguf import GGUFTensor
+
+    block = np.zeros(210, dtype=np.uint8)
+    block[0] = 8  # ql[0] low nibble: weight 0
+    block[128] = 2  # qh[0] bits 0-1: weight 0
+    block[192] = 3  # scales[0]
+    block[192 + 12] = np.int8(-7).view(np.uint8)  # scales[12]: weights 192..207
+    # weight 200 = 128 + 64 + 8: second half, run 2 -> high nibble of ql[64 + 8], qh[32 + 8] bits 4-5
+    block[64 + 8] = 5 << 4
+    block[128 + 32 + 8] = 0 << 4
+    block[208:210] = np.array([0.5], dtype=np.float16).view(np.uint8)
+    got = GGUFTensor("blk.0.ffn_down.weight", "Q6_K", (1, 256), block.reshape(1, -1)).dequantize()
+    assert got[0, 0].item() == 0.5 * 3 * (40 - 32)
+    assert got[0, 200].item() == 0.5 * -7 * (5 - 32)
+    assert got[0, 1].item() == 0.5 * 3 * (0 - 32)  # every other code is 0
 
 
 @pytest.mark.slow

@@ -61,6 +61,42 @@ def test_sliding_window_matches_direct_computation(tiny_lm, context, stride):
     assert r.ppl == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def _transformers_strided_nll(model, ids, context, stride):
+    """transformers' strided-perplexity recipe (its "Perplexity of fixed-length models" guide): windows of
+    `context` tokens every `stride`, each scoring only the tokens the previous window did not (labels
+    -100 elsewhere); the loss is transformers' own causal-LM loss, weighted by the tokens it scored."""
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        x = torch.tensor([ids[begin:end]])
+        labels = x.clone()
+        labels[:, : (end - begin) - (end - prev_end)] = -100
+        n = int((labels[:, 1:] != -100).sum())  # the loss shifts labels by one
+        with torch.no_grad():
+            total += float(model(x, labels=labels).loss) * n
+        count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return total / count, count
+
+
+@pytest.mark.parametrize("context,stride", [(16, 8), (16, 5), (12, 11), (64, 32)])
+def test_matches_transformers_loss_on_the_same_windows(tiny_models, tiny_lm, context, stride):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama3"], dtype=torch.float32).eval()
+    ids = _ids(45, seed=3)
+    r = perplexity(tiny_lm, ids, context=context, stride=stride, progress=False)
+    nll, count = _transformers_strided_nll(model, ids, context, stride)
+    assert r.tokens == count == 44
+    assert r.nll == pytest.approx(nll, rel=1e-5)
+    assert r.ppl == pytest.approx(math.exp(nll), rel=1e-5)
+    if context < 45:  # the windows matter: the full-context loss is another number
+        full, _ = _transformers_strided_nll(model, ids, 64, 32)
+        assert abs(full - nll) > 1e-3
+
+
 def test_single_window_is_plain_causal_nll(tiny_lm):
     ids = _ids(30, seed=1)
     r = perplexity(tiny_lm, ids, context=64, stride=32, progress=False)
@@ -69,11 +105,10 @@ def test_single_window_is_plain_causal_nll(tiny_lm):
     nll = -logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).mean().item()
     assert r.tokens == 29 and r.nll == pytest.approx(nll, rel=1e-6)
     # A shorter context gives later tokens less left context: the result follows the windowed
-    # computation, not the full causal one. A random tiny model barely uses its context (the two
-    # numbers have differed by only ~5e-5 relative), so the check is exact inequality, not a margin.
+    # computation, not the full causal one.
     short = perplexity(tiny_lm, ids, context=8, stride=4, progress=False).nll
     assert short == pytest.approx(_direct_nll(tiny_lm.model, ids, 8, 4), rel=1e-6)
-    assert short != nll
+    assert abs(short - nll) > 5e-3  # measured 0.018
 
 
 def test_text_input_and_progress_bar(tiny_lm, capsys):
@@ -124,10 +159,12 @@ def smol_float_ppl(lf_smollm2, smol_ids):
 
 
 @pytest.mark.slow
-def test_smollm2_float32_perplexity(smol_float_ppl):
+def test_smollm2_float32_perplexity(smol_float_ppl, smol_ids, hf_smollm2):
     # measured 10.95 on this slice; a broken model is in the hundreds or thousands
     assert smol_float_ppl.tokens == SLICE - 1
     assert 5.0 < smol_float_ppl.ppl < 15.0
+    nll, count = _transformers_strided_nll(hf_smollm2[0], smol_ids, CTX, STRIDE)
+    assert count == smol_float_ppl.tokens and smol_float_ppl.nll == pytest.approx(nll, rel=1e-5)
 
 
 @pytest.mark.slow

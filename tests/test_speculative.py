@@ -70,7 +70,7 @@ def perturbed(tiny_models):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in lm.model.parameters():
-            p.add_(0.05 * p.std() * torch.randn(p.shape, generator=g))
+            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
     return _cheap(lm)
 
 

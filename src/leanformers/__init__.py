@@ -19,12 +19,14 @@ from .errors import (
     ModelNotFoundError,
     TokenizerError,
     UnsupportedModelError,
+    UnsupportedTaskError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "finetune",
     "LanguageModel",
     "GenerationConfig",
     "GenerationResult",
@@ -36,18 +38,23 @@ __all__ = [
     "CheckpointError",
     "TokenizerError",
     "InvalidArgumentError",
+    "UnsupportedTaskError",
+    "Encoder",
+    "load_encoder",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .encoder import Encoder, load_encoder
     from .generation.config import GenerationConfig
     from .generation.run import GenerationResult
     from .lm import LanguageModel, load
+    from .train import finetune
 
 _LAZY = {
     "load": "lm", "LanguageModel": "lm", "ModelConfig": "config", "GenerationConfig": "generation.config",
-    "GenerationResult": "generation.run",
+    "GenerationResult": "generation.run", "Encoder": "encoder", "load_encoder": "encoder", "finetune": "train",
 }
 
 

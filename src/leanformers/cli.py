@@ -1,4 +1,4 @@
-"""The `leanformers` command line: generate, chat, info, perplexity, bench, serve.
+"""The `leanformers` command line: generate, chat, info, perplexity, embed, finetune, bench, serve.
 
 Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
 before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
@@ -17,6 +17,7 @@ from .errors import InvalidArgumentError, LeanformersError
 from .hub import DEFAULT_MODEL
 
 EXIT_ERROR = 1
+DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -24,14 +25,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show the library's log (loading, quantizing, compiling)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False, default: str = DEFAULT_MODEL) -> None:
+    what = f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {default})"
     if positional:
-        p.add_argument("model", nargs="?", default=None,
-                       help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
+        p.add_argument("model", nargs="?", default=None, help=what)
         p.add_argument("-m", "--model", dest="model_option", default=None, help="same as the positional MODEL")
     else:
-        p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                       help=f"model: alias, HF directory, org/name[@rev] or .gguf file (default: {DEFAULT_MODEL})")
+        p.add_argument("-m", "--model", default=default, help=what)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights/activations dtype (default: the checkpoint's; float32 for GGUF)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -41,6 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool = False) -> 
 
 
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: 32)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (cached on disk)")
@@ -107,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     pp.add_argument("--stride", type=int, default=256, help="new tokens scored per window (default: 256)")
 
+    e = sub.add_parser("embed", help="sentence embeddings of texts",
+                       description="Embed each TEXT with an encoder model (e.g. all-minilm-l6-v2) and print "
+                                   "the vectors: JSON (a list of lists) or a .npy array [N, dim] float32.")
+    e.add_argument("texts", nargs="+", metavar="TEXT", help="a text to embed ('-' reads one text per line from stdin)")
+    _add_model_args(e, default=DEFAULT_ENCODER)
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="unit-length vectors (default: as the model's directory says)")
+    e.add_argument("--format", choices=["json", "npy"], default="json", help="output format (default: json)")
+    e.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    e.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    e.add_argument("--prompt-name", default=None, help="one of the model's prompts (e.g. query)")
+    e.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's limit")
+
+    _add_finetune_parser(sub)
+
     _add_serve_parser(sub)
 
     b = sub.add_parser("bench", help="benchmark decode/prefill speed", add_help=False,
@@ -170,6 +186,8 @@ def _load(args: argparse.Namespace):
                                   revision=args.revision, offline=True if args.offline else None)
     if getattr(args, "quantize", None):
         kwargs.update(quantize=args.quantize, group_size=args.group_size)
+    if getattr(args, "adapter", None):  # a LoRA adapter directory on top of the model
+        kwargs["adapter"] = args.adapter
     lm = load(args.model, **kwargs)
     if getattr(args, "compile", False):
         # with --draft, the graph that verifies drafted tokens is built (or loaded) now as well
@@ -314,6 +332,112 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """`leanformers embed`: vectors of the texts as JSON or .npy (stdout or --output)."""
+    import json
+
+    import numpy as np
+
+    from .lm import load
+
+    texts: list[str] = []
+    for text in args.texts:
+        texts += sys.stdin.read().splitlines() if text == "-" else [text]
+    if not texts:
+        raise InvalidArgumentError("no texts to embed (stdin was empty)")
+    if args.batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.format == "npy" and args.output is None and sys.stdout.isatty():
+        raise InvalidArgumentError("--format npy writes binary data: redirect stdout or pass --output FILE")
+    model = load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                 revision=args.revision, offline=True if args.offline else None)
+    vectors = model.embed(texts, normalize=args.normalize, batch_size=args.batch_size,
+                          prompt_name=args.prompt_name, truncate=not args.no_truncate)
+    array = vectors.numpy().astype(np.float32)
+    if args.format == "json":
+        data = (json.dumps(array.tolist()) + "\n").encode()
+    else:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        data = buffer.getvalue()
+    if args.output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        try:
+            with open(args.output, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot write {args.output}: {exc.strerror}") from None
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ finetune
+def _add_finetune_parser(sub: Any) -> None:
+    """`leanformers finetune`: every keyword of leanformers.finetune() as a flag (`lora_r` -> `--lora-r`)."""
+    f = sub.add_parser("finetune", help="fine-tune a model (full, LoRA, QLoRA)",
+                       description="Fine-tune MODEL on JSONL/JSON/.txt data; writes a PEFT adapter (LoRA/QLoRA) or "
+                                   "a Hugging Face model directory (full) to --output.")
+    f.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    f.add_argument("--data", required=True, help="training data: .jsonl/.json (messages, prompt/completion, "
+                                                 "instruction/output, text) or .txt")
+    f.add_argument("--eval-data", default=None, help="evaluation data, same formats")
+    f.add_argument("--output", "--output-dir", dest="output_dir", required=True, help="output directory")
+    f.add_argument("--method", choices=["full", "lora", "qlora"], default="lora", help="default: lora")
+    f.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
+    f.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default: 32)")
+    f.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0.0)")
+    f.add_argument("--target-modules", nargs="+", default=["all-linear"],
+                   help="module names (e.g. q_proj v_proj, or q_proj,v_proj) or all-linear (default)")
+    f.add_argument("--quantize", choices=["int8", "int4"], default=None, help="qlora base (default: int4)")
+    f.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 1)")
+    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default: 8)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--warmup-steps", type=int, default=0)
+    f.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    f.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
+    f.add_argument("--packing", action="store_true", help="pack short examples into full rows")
+    f.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="refuse examples longer than --seq-len instead of truncating them")
+    f.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"], default="auto",
+                   help="default: bf16-mixed on a GPU with bf16 and for qlora, else fp32")
+    f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
+    f.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
+    f.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue from the newest checkpoint in --output (or from DIR)")
+    f.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    f.add_argument("--log", choices=["none", "tensorboard"], default="none", help="also log to TensorBoard")
+    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _common(f)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import finetune
+
+    logging.getLogger("leanformers").setLevel(logging.INFO)  # a training run reports its progress
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "data", "output_dir", "verbose")}
+    tm = options["target_modules"]
+    options["target_modules"] = tm[0] if len(tm) == 1 and "," not in tm[0] else [
+        t for part in tm for t in part.split(",") if t]
+    if options["target_modules"] == ["all-linear"]:
+        options["target_modules"] = "all-linear"
+    result = finetune(args.model, data=args.data, output_dir=args.output_dir, **options)
+    what = "LoRA adapter" if result.method != "full" else "model"
+    evals = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
+    print(f"saved the {what} to {result.output_dir} ({result.steps} steps{loss}{evals})", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ serve
 def _add_serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
@@ -359,7 +483,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import create_app, run
     from .serve.engine import DEFAULT_MAX_MODEL_LEN, Engine, batch_buckets
 
+    from .encoder import Encoder
+
     lm = _load(argparse.Namespace(**{**vars(args), "compile": False}))
+    name = args.served_model_name or args.model
+    if isinstance(lm, Encoder):  # an encoder: an embedding server (/v1/embeddings), no engine
+        if args.compile or args.embedding_model:
+            flag = "--compile" if args.compile else "--embedding-model"
+            raise InvalidArgumentError(f"{flag} does not apply: {args.model} is an encoder, served on "
+                                       "/v1/embeddings alone")
+        print(f"leanformers serve: {name} ({lm.architecture}, {lm.dtype}, {lm.dimension} dimensions, "
+              f"max_seq_length {lm.max_seq_length}) on http://{args.host}:{args.port}/v1 - embeddings only"
+              f"{', API key required' if api_key else ''}", file=sys.stderr, flush=True)
+        app = create_app(None, model_name=name, api_key=api_key, embedder=lm)
+        run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        return 0
     max_len = args.max_model_len if args.max_model_len is not None else min(lm.context_length, DEFAULT_MAX_MODEL_LEN)
     if max_len > lm.context_length:
         raise InvalidArgumentError(f"--max-model-len {max_len} is longer than the model's context "
@@ -371,14 +509,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .lm import load
 
         embedder = load(args.embedding_model, offline=True if args.offline else None)
-        if not callable(getattr(embedder, "embed", None)):
-            raise InvalidArgumentError(f"--embedding-model {args.embedding_model}: not an embedding model "
-                                       "(it has no embed())")
+        if not isinstance(embedder, Encoder):
+            raise InvalidArgumentError(f"--embedding-model {args.embedding_model}: not an embedding model (an "
+                                       "encoder such as all-minilm-l6-v2 is needed)")
     engine = Engine(lm, max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=max_len,
                     prefill_chunk=args.prefill_chunk)
     print(f"leanformers serve: {engine.describe_memory()}", file=sys.stderr, flush=True)
     engine.start()
-    name = args.served_model_name or args.model
     step = "compiled" if lm.step.is_compiled else "eager"
     print(f"leanformers serve: {name} ({lm.dtype}, {lm.quantization or 'not quantized'}, {step} decode step) on "
           f"http://{args.host}:{args.port}/v1 - batch {args.max_batch_size}, queue {args.max_queue}, "
@@ -390,7 +527,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
-            "serve": cmd_serve}
+            "embed": cmd_embed, "finetune": cmd_finetune, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

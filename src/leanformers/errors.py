@@ -29,3 +29,10 @@ class TokenizerError(LeanformersError, ValueError):
 
 class InvalidArgumentError(LeanformersError, ValueError):
     """A user-supplied argument is out of range or malformed."""
+
+
+class UnsupportedTaskError(InvalidArgumentError, AttributeError):
+    """The model cannot do what was asked: an encoder asked to generate, a decoder asked to embed.
+
+    Also an AttributeError, so `hasattr(encoder, "generate")` is simply False.
+    """

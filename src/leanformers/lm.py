@@ -12,7 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-from .generation.config import DRAFT_NAMES, GenerationConfig
+from .generation.config import DRAFT_NAMES, FALLBACK, GenerationConfig
 from .generation.decode import DecodeStep
 from .generation.run import GenerationResult, GenerationRun
 from .hub import ResolvedModel, resolve
@@ -34,7 +34,7 @@ class LanguageModel:
     """A loaded causal LM: `.model` (a DecoderModel), `.tokenizer`, `.config`, `.step` (how it decodes).
 
     `.defaults` is the GenerationConfig generate() starts from: the model's generation_config.json where
-    it has one, else GenerationConfig()'s defaults (greedy, 256 new tokens).
+    it has one, else generation.config.FALLBACK (greedy, 256 new tokens, repetition penalty 1.1).
     """
 
     def __init__(self, model: DecoderModel, tokenizer: Tokenizer, config: ModelConfig, *,
@@ -46,7 +46,7 @@ class LanguageModel:
         self.source = source
         self.files = files or []
         self.generation_config = generation_config or {}
-        self.defaults = GenerationConfig.from_hf(self.generation_config)
+        self.defaults = GenerationConfig.from_hf(self.generation_config) if self.generation_config else FALLBACK
         self.step: DecodeStep = DecodeStep(model)  # compile() hands in a compiled step
         self.huge_pages: bool | None = None  # CPU weights into huge pages: at compile() (None), at load (True), never
         self._self_drafts: dict[str, DecodeStep] = {}  # "int4"/"int8" -> the quantized copy's step, built once
@@ -194,6 +194,15 @@ class LanguageModel:
         self._self_drafts.clear()
         return self
 
+    def merge_adapter(self) -> "LanguageModel":
+        """Fold the LoRA adapter into the weights (W += alpha/r * B @ A) and drop it (leanformers.train.lora)."""
+        from .train.lora import merge_lora
+
+        merge_lora(self.model)
+        self.step = DecodeStep(self.model)  # a compiled step of the unmerged model is stale
+        self._self_drafts.clear()
+        return self
+
     def compile(self, *, cache_bucket: int | None = None, speculative: bool = False, **opts: Any) -> "LanguageModel":
         """Compile the one-token decode step (cached on disk), see leanformers.compile.compile_decode.
 
@@ -214,6 +223,15 @@ class LanguageModel:
         self.step = step if step.failure is None else DecodeStep(self.model)
         self._self_drafts.clear()
         return self
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """Decoders do not embed: raises UnsupportedTaskError saying what this model can do."""
+        from .errors import UnsupportedTaskError
+
+        ref = self.source.reference if self.source else "this model"
+        raise UnsupportedTaskError(
+            f"{ref} is a decoder ({self.config.model_type}): it can generate(), stream() and chat(), not embed(); "
+            "sentence embeddings need an encoder (BERT, RoBERTa, XLM-R, DistilBERT), e.g. all-minilm-l6-v2")
 
     def __repr__(self) -> str:
         ref = self.source.reference if self.source else "?"
@@ -260,8 +278,12 @@ def load(
     group_size: int = 32,
     compile: bool = False,
     huge_pages: bool | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a model and its tokenizer from a reference: an alias, an HF directory, `org/name[@rev]` or a .gguf file.
+
+    Encoder checkpoints (BERT, RoBERTa, XLM-R, DistilBERT; sentence-transformers directories) load as a
+    leanformers.encoder.Encoder (embed / similarity / classify) instead; see load_encoder.
 
     dtype: float32, bfloat16 or float16; default: the checkpoint's (bfloat16 instead of float16 on CPU,
     float32 for GGUF). progress: show progress bars (default: when stderr is a terminal).
@@ -271,7 +293,21 @@ def load(
     compile: compile the decode step now (LanguageModel.compile(); from the disk cache when possible).
     huge_pages: on CPU, copy the weights into transparent huge pages where Linux offers them
     (leanformers.compile.memory). None (default): when compiling; True: now; False: never.
+    adapter: a LoRA adapter directory (PEFT format) applied on top of the base; a reference that IS an
+    adapter directory loads the base named by its adapter_config.json (base_model_name_or_path) with it.
     """
+    if adapter is None:  # an adapter directory given as the model: its base, with the adapter
+        from .train.lora import adapter_base
+
+        reference, adapter = adapter_base(reference)
+    # --- encoders (issue 15): BERT-family checkpoints load as a leanformers.encoder.Encoder ---------------
+    from .encoder import load_encoder_reference
+
+    encoder = load_encoder_reference(reference, dtype=dtype, device=device, revision=revision, offline=offline,
+                                     progress=progress, quantize=quantize, compile=compile, huge_pages=huge_pages)
+    if encoder is not None:
+        return encoder
+    # --- end of the encoder block -----------------------------------------------------------------------
     if progress is None:
         progress = sys.stderr.isatty()
     dev = parse_device(device)
@@ -305,6 +341,10 @@ def load(
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
+    if adapter is not None:  # LoRA on top of the (possibly quantized) base, before any compile
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter)
     lm.huge_pages = huge_pages
     if huge_pages and dev.type == "cpu":
         from .compile.memory import move_to_huge_pages

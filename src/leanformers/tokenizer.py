@@ -14,20 +14,19 @@ then); the `llama` kind prepends "▁" to the start of the text only, not after 
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from . import templates
 from .errors import InvalidArgumentError, LeanformersError, TokenizerError
+from .files import file_size, read_bytes, read_json
 
 if TYPE_CHECKING:
     from .checkpoint.gguf import GGUFFile
@@ -67,9 +66,11 @@ class Tokenizer:
     def __init__(self, backend: BackendTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, unk_token: str | None = None, extra_eos_ids: Sequence[int] = (),
                  chat_template: str | None = None, named_templates: dict[str, str] | None = None,
-                 clean_up_tokenization_spaces: bool = False, source: str = "<memory>"):
+                 clean_up_tokenization_spaces: bool = False, source: str = "<memory>",
+                 template_source: str | None = None):
         self.backend = backend
         self.source = source
+        self.template_source = template_source or source  # the file the chat template(s) came from
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.bos_token_id = self.token_to_id(bos_token) if bos_token is not None else None
         self.pad_token_id = self.token_to_id(pad_token) if pad_token is not None else None
@@ -103,7 +104,12 @@ class Tokenizer:
         """Token ids of `text`, with BOS/EOS added as the model's tokenizer files ask."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"encode() takes a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except BaseException as exc:  # a tokenizer file the backend accepted but cannot apply
+            if not _backend_failure(exc):
+                raise
+            raise TokenizerError(f"{self.source}: tokenizer failed to encode: {_first_line(exc)}") from None
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (ids outside the vocabulary are dropped, as transformers does)."""
@@ -128,7 +134,7 @@ class Tokenizer:
             template = self.named_templates["tool_use"]
         if template is None:
             names = f" (named templates: {sorted(self.named_templates)})" if self.named_templates else ""
-            raise TokenizerError(f"{self.source}: the model has no chat template{names}")
+            raise TokenizerError(f"{self.template_source}: the model has no chat template{names}")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise InvalidArgumentError("tools must be a list of dicts (JSON schemas)")
         context = {name: tok for name, tok in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
@@ -137,16 +143,21 @@ class Tokenizer:
         context.update(template_kwargs)
         context.update(messages=_checked_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt)
         context.setdefault("documents", None)
+        where = self.template_source
         try:
             if template not in self._compiled:
-                self._compiled[template] = _JINJA.from_string(template)
-            text = self._compiled[template].render(**context)
+                self._compiled[template] = templates.compile_template(template)
+            text = templates.render(self._compiled[template], context)
         except LeanformersError:
             raise
+        except templates.TemplateRaised as exc:
+            raise TokenizerError(f"{where}: chat template raised an error: {exc}") from None
+        except templates.TemplateLimitError as exc:
+            raise TokenizerError(f"{where}: chat template stopped: {exc}") from None
         except jinja2.TemplateSyntaxError as exc:
-            raise TokenizerError(f"{self.source}: chat template syntax error at line {exc.lineno}: {exc}") from None
-        except Exception as exc:
-            raise TokenizerError(f"{self.source}: chat template failed: {type(exc).__name__}: {exc}") from None
+            raise TokenizerError(f"{where}: chat template syntax error at line {exc.lineno}: {exc}") from None
+        except (Exception, RecursionError, MemoryError) as exc:
+            raise TokenizerError(f"{where}: chat template failed: {type(exc).__name__}: {_first_line(exc)}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def __repr__(self) -> str:
@@ -154,33 +165,6 @@ class Tokenizer:
 
 
 # --- chat templates ---------------------------------------------------------------------------------------
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (assistant-mask marker): renders its body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-def _raise_exception(message: str) -> None:
-    raise TokenizerError(f"chat template raised an error: {message}")
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[jinja2.ext.loopcontrols, _GenerationTag])
-_JINJA.filters["tojson"] = _tojson
-_JINJA.globals["raise_exception"] = _raise_exception
-_JINJA.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-
 
 def _checked_messages(messages: Any) -> list[dict]:
     """Copies of the messages, None-valued keys dropped, after checking roles and contents."""
@@ -218,6 +202,18 @@ def _checked_messages(messages: Any) -> list[dict]:
 
 # --- shared helpers ---------------------------------------------------------------------------------------
 
+_MAX_TOKENIZER_BYTES = 1 << 30
+
+
+def _backend_failure(exc: BaseException) -> bool:
+    """An error of the Rust backend: an Exception, or pyo3's PanicException (a BaseException)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]
+
+
 def _add_specials(backend: BackendTokenizer, tokens: Sequence[str | None], *, special: bool = True) -> None:
     """Register tokens as added tokens (never split) unless they already are."""
     present = {t.content for t in backend.get_added_tokens_decoder().values()}
@@ -237,13 +233,10 @@ def _set_post_processor(backend: BackendTokenizer, bos: str | None, eos: str | N
 
 
 def _read_json(path: Path) -> dict | None:
-    """A JSON object file, None if absent."""
-    if not path.is_file():
+    """A JSON object file (strict: see files.parse_json), None if absent."""
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path}: cannot read JSON: {exc}") from None
+    data = read_json(path, TokenizerError, "tokenizer file")
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -265,14 +258,25 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
     if not root.is_dir():
         raise TokenizerError(f"{root}: not a directory, cannot look for tokenizer.json")
     tok_file = root / "tokenizer.json"
-    if not tok_file.is_file():
+    if not os.path.lexists(tok_file):
         spm = (root / "tokenizer.model").exists()
         raise TokenizerError(f"{root}: no tokenizer.json found"
                              + (" (tokenizer.model alone, sentencepiece, is not supported)" if spm else ""))
+    size = file_size(tok_file, TokenizerError, "tokenizer file")
+    if size > _MAX_TOKENIZER_BYTES:
+        raise TokenizerError(
+            f"{tok_file}: {size} bytes, more than the {_MAX_TOKENIZER_BYTES} a tokenizer file may have")
     try:
         backend = BackendTokenizer.from_file(str(tok_file))
-    except Exception as exc:
-        raise TokenizerError(f"{tok_file}: cannot parse tokenizer file: {exc}") from None
+    except BaseException as exc:  # the Rust parser reports bad JSON, types and nesting (depth 128)
+        if not _backend_failure(exc):
+            raise
+        raise TokenizerError(f"{tok_file}: cannot parse tokenizer file: {_first_line(exc)}") from None
+    # tokenizer.json may switch on padding / truncation (e.g. sentence-transformers' MiniLM pads every
+    # text to 128 tokens); transformers turns them off for a plain call, and so do we: callers that
+    # want them (leanformers.encoder) set them on a copy.
+    backend.no_padding()
+    backend.no_truncation()
     cfg = _read_json(root / "tokenizer_config.json") or {}
     smap = _read_json(root / "special_tokens_map.json") or {}
     gen = _read_json(root / "generation_config.json") or {}
@@ -297,33 +301,39 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
     # add_bos_token / add_eos_token keys of tokenizer_config.json whenever tokenizer.json exists.
 
     gen_eos = gen.get("eos_token_id")
-    gen_eos = [gen_eos] if isinstance(gen_eos, int) else gen_eos or []
-    if not isinstance(gen_eos, list) or not all(isinstance(i, int) for i in gen_eos):
+    gen_eos = [gen_eos] if type(gen_eos) is int else gen_eos if gen_eos is not None else []
+    if not isinstance(gen_eos, list) or not all(type(i) is int and i >= 0 for i in gen_eos):
         raise TokenizerError(f"{root / 'generation_config.json'}: eos_token_id must be an int or a list of ints")
+    clean_up = cfg.get("clean_up_tokenization_spaces", False)
+    if clean_up is not None and type(clean_up) is not bool:
+        raise TokenizerError(f"{root / 'tokenizer_config.json'}: clean_up_tokenization_spaces must be true or false, "
+                             f"got {clean_up!r:.40}")
 
-    template, named = _dir_chat_template(root, cfg)
+    template, named, where = _dir_chat_template(root, cfg)
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, extra_eos_ids=gen_eos,
-                     chat_template=template, named_templates=named, source=str(root),
-                     clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)))
+                     chat_template=template, named_templates=named, source=str(root), template_source=str(where),
+                     clean_up_tokenization_spaces=bool(clean_up))
 
 
-def _dir_chat_template(root: Path, cfg: dict) -> tuple[str | None, dict[str, str]]:
-    """(default template, named templates): chat_template.jinja > chat_template.json > tokenizer_config.json."""
+def _dir_chat_template(root: Path, cfg: dict) -> tuple[str | None, dict[str, str], Path]:
+    """(default template, named templates, their file): chat_template.jinja > chat_template.json >
+    tokenizer_config.json."""
     jinja_file = root / "chat_template.jinja"
-    if jinja_file.is_file():
+    if os.path.lexists(jinja_file):
+        raw = read_bytes(jinja_file, TokenizerError, "chat template", limit=4 * templates.MAX_TEMPLATE_CHARS)
         try:
-            return jinja_file.read_text(encoding="utf-8"), {}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TokenizerError(f"{jinja_file}: cannot read chat template: {exc}") from None
+            return raw.decode("utf-8"), {}, jinja_file
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(f"{jinja_file}: chat template is not valid UTF-8 ({exc.reason})") from None
     json_cfg = _read_json(root / "chat_template.json")
     where, value = ((root / "chat_template.json", json_cfg.get("chat_template")) if json_cfg is not None
                     else (root / "tokenizer_config.json", cfg.get("chat_template")))
     if value is None or isinstance(value, str):
-        return value, {}
+        return value, {}, where
     if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                        and isinstance(t.get("template"), str) for t in value):
         named = {t["name"]: t["template"] for t in value}
-        return named.get("default"), named
+        return named.get("default"), named, where
     raise TokenizerError(f"{where}: chat_template must be a string or a list of {{name, template}} dicts")
 
 
@@ -340,6 +350,8 @@ def _merges(meta: dict, src: str) -> list[tuple[str, str]] | None:
     raw = meta.get("tokenizer.ggml.merges")
     if raw is None:
         return None
+    if not isinstance(raw, list):
+        raise TokenizerError(f"{src}: tokenizer.ggml.merges must be an array of strings")
     out = []
     for n, merge in enumerate(raw):
         parts = merge.split(" ") if isinstance(merge, str) else []
@@ -369,14 +381,26 @@ def load_tokenizer_from_gguf(gguf_file: GGUFFile) -> Tokenizer:
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError(f"{src}: GGUF metadata lacks a token list (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or not all(type(t) is int for t in types):
+        raise TokenizerError(f"{src}: tokenizer.ggml.token_type must be an array of integers")
     if len(types) != len(tokens):
         raise TokenizerError(f"{src}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    for key in ("model", "pre", "chat_template"):
+        value = meta.get(f"tokenizer.{'' if key == 'chat_template' else 'ggml.'}{key}")
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"{src}: tokenizer metadata {key!r} must be a string, got {type(value).__name__}")
+
+    def flag(key: str, default: bool) -> bool:
+        value = meta.get(f"tokenizer.ggml.{key}", default)
+        if type(value) is not bool:
+            raise TokenizerError(f"{src}: tokenizer.ggml.{key} must be a boolean, got {value!r:.40}")
+        return value
 
     def token_of(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is None:
             return None
-        if not isinstance(i, int) or not 0 <= i < len(tokens):
+        if type(i) is not int or not 0 <= i < len(tokens):
             raise TokenizerError(f"{src}: tokenizer.ggml.{key} = {i!r} is not a token id (vocab of {len(tokens)})")
         return tokens[i]
 
@@ -398,8 +422,7 @@ def load_tokenizer_from_gguf(gguf_file: GGUFFile) -> Tokenizer:
     control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
     _add_specials(backend, [*control, bos, eos, unk, pad])
     _add_specials(backend, [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED], special=False)
-    _set_post_processor(backend, bos, eos, bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-                        bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+    _set_post_processor(backend, bos, eos, flag("add_bos_token", add_bos_default), flag("add_eos_token", False))
     prefix = "tokenizer.chat_template."
     named = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix) and isinstance(v, str)}
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
@@ -435,13 +458,16 @@ def _sentencepiece_backend(meta: dict, tokens: list[str], unk: str | None, src: 
     merges = _merges(meta, src)
     if merges is None:
         scores = meta.get("tokenizer.ggml.scores")
-        if not isinstance(scores, list) or len(scores) != len(tokens):
+        if not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
             raise TokenizerError(f"{src}: a 'llama' tokenizer needs tokenizer.ggml.scores (one per token) or merges")
         merges = _merges_from_scores(tokens, scores)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                           byte_fallback=True))
-    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    if type(space_prefix) is not bool:
+        raise TokenizerError(f"{src}: tokenizer.ggml.add_space_prefix must be a boolean, got {space_prefix!r:.40}")
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if space_prefix else
                                                      "never", split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]

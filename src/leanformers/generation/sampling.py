@@ -65,15 +65,23 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one)."""
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one).
+
+    Tokens tied with the least likely kept one are kept too (as in top-k), so the set never depends on
+    the order of equal logits. transformers' TopPLogitsWarper keeps only as many tied tokens as the mass
+    needs, picked by sort position (the highest token ids on CPU); tests/test_sampling.py pins both.
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values
     probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = mass_before >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    # A token is needed while the mass before it is < p, i.e. while its tail (itself and every less likely
+    # token) is > 1 - p. The tail is summed from the least likely token up: float32 resolves small tails,
+    # not masses within 6e-8 of 1 (top_p = 1 - 1e-9 must still reach past a top token of 1 - 4e-8).
+    tail = probs.flip(-1).cumsum(-1).flip(-1)
+    n_keep = (tail > 1.0 - p).sum(-1, keepdim=True).clamp(min=1)
+    boundary = sorted_logits.gather(-1, n_keep - 1)  # the least likely logit the nucleus needs
+    return logits.masked_fill(logits < boundary, float("-inf"))
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:

@@ -11,11 +11,16 @@ untied lm_head. Parameter names are Hugging Face's, so safetensors load without 
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.gguf_meta import GGUFMetadata
 from ..config import ModelConfig
+from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
 from .ops import RMSNorm, apply_rope, attend, attention_mask, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
@@ -191,6 +196,127 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+# ---------------------------------------------------------------------------------------- the family's hooks
 def build(config: ModelConfig) -> LlamaForCausalLM:
     """An uninitialized model; call under `torch.device('meta')` and assign weights afterwards."""
     return LlamaForCausalLM(config)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+    return ModelConfig.from_dict(data, source=source)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes that vocab, hidden, heads, head_dim and intermediate sizes imply (checked before building)."""
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size),
+        "model.layers.0.self_attn.k_proj.weight": (c.num_key_value_heads * c.head_dim, c.hidden_size),
+        "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+# GGUF (llama.cpp) names: blk.N.<layer name> and the global tensors
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # GGUF architecture -> model_type
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    """llama.cpp's tensor name -> the HF parameter name; None for tensors this family does not use."""
+    if name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[name]
+    m = _GGUF_BLOCK.match(name)
+    if m and m.group(2) in GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}"
+    if name == "rope_freqs.weight":  # llama3 rope scaling stored as a tensor
+        raise UnsupportedModelError("GGUF rope_freqs tensors (llama3 rope scaling) are not supported")
+    return None
+
+
+def gguf_unpermute_heads(hf_name: str, config: ModelConfig, arch: str) -> int | None:
+    """llama.cpp permutes the q/k rows of the `llama` (and `mistral`) architectures for its rope layout."""
+    if arch not in ("llama", "mistral"):
+        return None
+    if ".q_proj." in hf_name:
+        return config.num_attention_heads
+    if ".k_proj." in hf_name:
+        return config.num_key_value_heads
+    return None
+
+
+def config_from_gguf(meta: GGUFMetadata, tensor_names: list[str]) -> ModelConfig:
+    """A ModelConfig from llama.cpp's metadata keys."""
+    get, source = meta.get, meta.source
+    n_head = get("attention.head_count", int, required=True)
+    hidden = get("embedding_length", int, required=True)
+    vocab = get("vocab_size", int)
+    if vocab is None:
+        tokens = get("tokenizer.ggml.tokens", list, full=True)
+        if tokens is None:
+            raise ConfigError(f"{source}: GGUF metadata gives no vocab size")
+        vocab = len(tokens)
+    head_dim = get("attention.key_length", int)
+    rope_dims = get("rope.dimension_count", int)
+    if head_dim is None:
+        head_dim = rope_dims
+    if head_dim is None and n_head > 0 and hidden % n_head == 0:
+        head_dim = hidden // n_head
+    if rope_dims is not None and rope_dims != head_dim:  # llama.cpp refuses these architectures' files likewise
+        raise ConfigError(f"{source}: GGUF metadata '{meta.arch}.rope.dimension_count' is {rope_dims}, but the head "
+                          f"dimension is {head_dim} (partial rotary embeddings are not supported)")
+    scaling = None
+    scaling_type = get("rope.scaling.type", str)
+    if scaling_type not in (None, "none"):
+        scaling = {"rope_type": scaling_type, "factor": get("rope.scaling.factor", float)}
+    data: dict[str, Any] = {
+        "model_type": GGUF_MODEL_TYPES[meta.arch],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length", int, required=True),
+        "num_hidden_layers": get("block_count", int, required=True),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": get("attention.head_count_kv", int, n_head),
+        "head_dim": head_dim,
+        "max_position_embeddings": get("context_length", int, 2048),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float, 1e-5),
+        "rope_theta": get("rope.freq_base", float, 10000.0),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": any(n.endswith("attn_output.bias") for n in tensor_names),
+        "sliding_window": get("attention.sliding_window", int),
+        "bos_token_id": get("tokenizer.ggml.bos_token_id", int, full=True),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id", int, full=True),
+        "pad_token_id": get("tokenizer.ggml.padding_token_id", int, full=True),
+    }
+    return ModelConfig.from_dict(data, source=source)

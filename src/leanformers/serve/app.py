@@ -1,10 +1,12 @@
 """The HTTP side: an OpenAI-compatible API (FastAPI on uvicorn) in front of the engine.
 
     app = create_app(engine, model_name="smollm2-135m-instruct", api_key=None)
+    app = create_app(None, model_name="all-minilm-l6-v2", embedder=encoder)   # an encoder: embeddings only
     run(app, host="127.0.0.1", port=8000)
 
 Routes: `GET /v1/models[/{id}]`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`
-(when an embedding model is served, see serve/embeddings.py), `GET /health`, `GET /metrics`.
+(when an embedding model is served, see serve/embeddings.py; a server of an encoder alone has no engine
+and answers the generative routes with 400), `GET /health`, `GET /metrics`.
 Every error is the OpenAI error body `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
 requests (bad JSON, a field out of range, an argument the API does not have, a prompt longer than the
 context), 401 without the right `Authorization: Bearer` key (only /v1/ routes need it), 404 for an unknown
@@ -34,13 +36,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import LeanformersError
+from ..errors import InvalidArgumentError, LeanformersError
 from ..generation.sampling import SamplingParams
 from . import schemas as S
 from .embeddings import Embedder, embed_request
 from .engine import Engine, EngineStoppedError, PromptSpec, QueueFullError
 from .grammar import JsonGrammars
-from .metrics import CONTENT_TYPE
+from .metrics import CONTENT_TYPE, Metrics
 from .sequence import Output, SequenceOptions, TokenLogprob
 
 log = logging.getLogger("leanformers.serve")
@@ -70,14 +72,24 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
 
 
 # ------------------------------------------------------------------------------------------ the app
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, embedder: Embedder | None = None,
-               embedding_model_name: str | None = None) -> FastAPI:
-    """The FastAPI application serving `engine` as `model_name` (and `embedder` as `embedding_model_name`)."""
+def create_app(engine: Engine | None, *, model_name: str, api_key: str | None = None,
+               embedder: Embedder | None = None, embedding_model_name: str | None = None) -> FastAPI:
+    """The FastAPI application serving `engine` as `model_name` (and `embedder` as `embedding_model_name`).
+
+    With engine None the server is an embedding server: `embedder` is served as `model_name` (or
+    `embedding_model_name`) on /v1/embeddings, and the generative routes answer 400 for it."""
+    if engine is None:
+        if embedder is None:
+            raise InvalidArgumentError("create_app needs an engine, an embedder, or both")
+        embedding_model_name = embedding_model_name or model_name
     api = _API(engine, model_name, embedder, embedding_model_name)
+    metrics_ = engine.metrics if engine is not None else Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(engine.stop)
+        if engine is not None:
+            await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="leanformers", description="OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
@@ -107,18 +119,19 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, e
 
     @app.get("/health")
     async def health() -> Response:
-        if not engine.alive:
+        if engine is not None and not engine.alive:
             return error_response(503, "the engine is not running", type="server_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        running, waiting = engine.counts()
-        engine.metrics.running.set(running)
-        engine.metrics.waiting.set(waiting)
-        for how, count in getattr(engine.step, "calls", {}).items():  # a compiled step counts how its calls ran
-            engine.metrics.step_calls.labels(how=how).set(count)
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+        if engine is not None:
+            running, waiting = engine.counts()
+            metrics_.running.set(running)
+            metrics_.waiting.set(waiting)
+            for how, count in getattr(engine.step, "calls", {}).items():  # a compiled step counts how its calls ran
+                metrics_.step_calls.labels(how=how).set(count)
+        return Response(metrics_.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -143,15 +156,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, e
     async def embeddings(request: Request) -> Response:
         return await api.embeddings(request)
 
-    return _Gate(app, api_key, engine)  # type: ignore[return-value]
+    return _Gate(app, api_key, metrics_)  # type: ignore[return-value]
 
 
 class _Gate:
     """Pure ASGI middleware: the API key check on /v1/ routes, the body size limit, and per-route counts
     (a BaseHTTPMiddleware would buffer streams and hide client disconnects)."""
 
-    def __init__(self, app: FastAPI, api_key: str | None, engine: Engine):
-        self.app, self.api_key, self.metrics = app, api_key, engine.metrics
+    def __init__(self, app: FastAPI, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
         self.state = app.state
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -199,17 +212,21 @@ class _Gate:
 class _API:
     """Request handling shared by the routes: parsing, the engine bridge, response assembly."""
 
-    def __init__(self, engine: Engine, model_name: str, embedder: Embedder | None, embedding_model_name: str | None):
-        self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.tokenizer
+    def __init__(self, engine: Engine | None, model_name: str, embedder: Embedder | None,
+                 embedding_model_name: str | None):
+        self.engine: Engine = engine  # type: ignore[assignment]  # None only for an embedding server
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer if engine is not None else None
         self.embedder, self.embedding_model_name = embedder, embedding_model_name
         self.created = int(time.time())
         self._token_text: dict[int, tuple[str, list[int] | None]] = {}
-        self._defaults = _default_sampling(engine.lm)
+        self._defaults = _default_sampling(engine.lm) if engine is not None else {}
         self._embed_lock = asyncio.Lock()
 
     def model_cards(self) -> list[S.ModelCard]:
-        cards = [S.ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)]
+        cards = []
+        if self.engine is not None:
+            cards.append(S.ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len))
         if self.embedder is not None and self.embedding_model_name is not None:
             cards.append(S.ModelCard(id=self.embedding_model_name, created=self.created))
         return cards
@@ -399,7 +416,10 @@ class _API:
 
     # ------------------------------------------------------------------------------ shared
     def _check_model(self, name: str) -> None:
-        if name != self.model_name:
+        if name == self.embedding_model_name and (self.engine is None or name != self.model_name):
+            raise APIError(400, f"the model `{name}` is an embedding model: it serves /v1/embeddings, not text "
+                                "generation", param="model", code="model_not_supported")
+        if self.engine is None or name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`)",
                            param="model", code="model_not_found")
 

@@ -1,8 +1,9 @@
-"""`POST /v1/embeddings`: the hook for an embedding model served beside the generative one.
+"""`POST /v1/embeddings`: an encoder served alone (`leanformers serve -m all-minilm-l6-v2`) or beside a
+generative model (`leanformers serve -m DECODER --embedding-model ENCODER`).
 
 Any object with `embed(list[str]) -> Tensor[N, D]` and a `tokenizer` whose `encode(text)` gives the token
 ids that usage counts qualifies (`Embedder`): a `leanformers.encoder.Encoder` as `leanformers.load` returns
-it for encoder checkpoints. The CLI serves one with `leanformers serve --embedding-model REF`.
+it for encoder checkpoints (usage counts at most its `max_seq_length` tokens per text, as it truncates).
 Inputs are texts (a string or a list of strings); token-id inputs are refused, since ids of which tokenizer
 would be ambiguous. `encoding_format` "base64" is the float32 little-endian bytes of each vector, as the
 OpenAI API sends it; `dimensions` must be the model's own width (no truncation).
@@ -56,6 +57,7 @@ def embed_request(embedder: Embedder, req: S.EmbeddingRequest, model_name: str) 
         else:
             value = v.tolist()
         data.append(S.Embedding(index=i, embedding=value))
-    tokens = sum(len(embedder.tokenizer.encode(t)) for t in texts)
+    limit = getattr(embedder, "max_seq_length", None)  # an Encoder truncates longer texts (with a warning)
+    tokens = sum(min(len(embedder.tokenizer.encode(t)), limit or 2**62) for t in texts)
     return S.EmbeddingList(data=data, model=model_name, usage=S.EmbeddingUsage(prompt_tokens=tokens,
                                                                                 total_tokens=tokens))
