@@ -530,6 +530,68 @@ def test_engine_chunked_prefill_keeps_running_streams_going(lm):
     assert ids["a"] == a_ref.token_ids and ids["b"] == b_ref.token_ids
 
 
+def test_concurrent_rows_keep_their_own_sampling_seed_and_stop(server, lm):
+    """Requests running side by side, each with its own temperature / top_p / top_k / seed / penalty / stop
+    strings: each equals lm.generate of its prompt alone with the same parameters."""
+    jobs = [dict(prompt=PROMPTS[i], max_tokens=12 + i, temperature=[0.0, 0.7, 1.0, 1.3][i % 4],
+                 top_p=[None, 0.9, None, 0.8][i % 4], seed=100 + i) for i in range(8)]
+    jobs[2]["extra_body"] = {"top_k": 5}
+    jobs[5]["extra_body"] = {"repetition_penalty": 1.3}
+    refs = []
+    for j in jobs:
+        extra = j.get("extra_body", {})
+        ref = lm.generate(j["prompt"], max_new_tokens=j["max_tokens"], temperature=j["temperature"], top_p=j["top_p"],
+                          seed=j["seed"], **extra)
+        refs.append(ref)
+    jobs[3]["stop"] = [refs[3].text[4:6]]  # a stop string that this row's output contains
+    refs[3] = lm.generate(jobs[3]["prompt"], max_new_tokens=jobs[3]["max_tokens"], temperature=1.3, top_p=0.8,
+                          seed=103, stop=jobs[3]["stop"])
+    assert refs[3].finish_reason == "stop"
+
+    async def main():
+        client = server.async_client()
+        try:
+            return await asyncio.gather(*(client.completions.create(model=NAME, **{k: v for k, v in j.items()
+                                                                                    if v is not None}) for j in jobs))
+        finally:
+            await client.close()
+
+    outs = asyncio.run(main())
+    for out, ref, job in zip(outs, refs, jobs):
+        got = (out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens)
+        assert got == (ref.text, ref.finish_reason, len(ref.token_ids)), job
+    assert len({r.text for r in refs}) == len(refs)
+
+
+def test_metrics_count_tokens_and_latencies(server, lm):
+    """/metrics after one streamed request of known size: prompt and generated token counters, one TTFT
+    observation, one inter-token latency per later token, the finish reason; histograms consistent."""
+    wait_idle(server.port)
+    before = metrics(server.port)
+    prompt_ids = lm.tokenizer.encode(PROMPTS[6])
+    events = sse_events(server.port, "/v1/completions", {"model": NAME, "prompt": PROMPTS[6], "max_tokens": 9,
+                                                         "ignore_eos": True, "stream": True})
+    assert events[-1] == "[DONE]"
+    after = wait_idle(server.port)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    p = "leanformers_"
+    assert delta(p + "prompt_tokens_total") == len(prompt_ids)
+    assert delta(p + "generation_tokens_total") == 9
+    assert delta(p + "time_to_first_token_seconds_count") == 1
+    assert delta(p + "inter_token_latency_seconds_count") == 8
+    assert delta(p + 'sequences_finished_total{finish_reason="length"}') == 1
+    assert delta(p + "decode_steps_total") >= 8
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
+        assert after[f'{p}{hist}_bucket{{le="+Inf"}}'] == after[f"{p}{hist}_count"] and after[f"{p}{hist}_sum"] > 0
+    assert after[p + "kv_cache_slots"] == 8 and after[p + "kv_cache_tokens_per_slot"] == 256
+    _, body = request(server.port, "GET", "/metrics")
+    assert b"# TYPE leanformers_requests_running gauge" in body
+    assert b"# TYPE leanformers_time_to_first_token_seconds histogram" in body
+
+
 # ------------------------------------------------------------------------------------------ bad input
 BAD_REQUESTS = [
     # (path, body, status, param, code)
