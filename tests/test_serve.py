@@ -748,7 +748,9 @@ def test_load_and_faults(server, lm):
     bad = [r for r in results.values() if r[0] == "bad"]
     assert len(bad) == 8 and all(r[1] == 400 and r[2] == "invalid_request_error" for r in bad)
     m = wait_idle(server.port)
-    assert m["leanformers_sequences_cancelled_total"] - before >= 1  # hung-up clients were cancelled
+    # every stream that hung up with ~200 tokens to go was cancelled (the non-streamed leavers may go before
+    # their request is even read)
+    assert m["leanformers_sequences_cancelled_total"] - before >= 16
     assert request(server.port, "GET", "/health")[0] == 200
     out = server.client().completions.create(model=NAME, prompt=PROMPTS[5], max_tokens=24, temperature=0)
     assert out.choices[0].text == refs[PROMPTS[5]].text

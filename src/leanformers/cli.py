@@ -442,7 +442,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _add_serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
                        description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
-                                   "/v1/models, /health, /metrics) with continuous batching. Needs the serve "
+                                   "/v1/models, /health, /metrics) with continuous batching; an encoder model "
+                                   "(e.g. all-minilm-l6-v2) is served on /v1/embeddings. Needs the serve "
                                    "extra: pip install 'leanformers[serve]'.")
     _add_model_args(s)
     _add_speed_args(s)
