@@ -927,6 +927,31 @@ def test_encoder_server_embeddings_equal_sentence_transformers(tmp_path):
         srv.stop()
 
 
+def test_embedding_model_beside_a_generative_model(tiny_dir, lm, tmp_path):
+    """`leanformers serve -m DECODER --embedding-model all-minilm-l6-v2`: both models listed, embeddings equal
+    the encoder's offline embed(), generation unchanged, and each model refused on the other's route."""
+    minilm_dir()
+    encoder = leanformers.load("all-minilm-l6-v2")
+    srv = Server(tiny_dir, "--dtype", "float32", "--max-batch-size", "2", "--embedding-model", "all-minilm-l6-v2",
+                 "--offline", log=tmp_path / "log")
+    try:
+        client = srv.client()
+        assert [m.id for m in client.models.list().data] == [NAME, "all-minilm-l6-v2"]
+        texts = ["The cat sits outside", "A man is playing guitar"]
+        out = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+        got = torch.tensor([d.embedding for d in out.data])
+        assert torch.allclose(got, encoder.embed(texts), atol=1e-5)
+        assert out.usage.prompt_tokens == sum(len(encoder.tokenizer.encode(t)) for t in texts)
+        comp = client.completions.create(model=NAME, prompt="Hello", max_tokens=5, temperature=0)
+        assert comp.choices[0].text == lm.generate("Hello", max_new_tokens=5, temperature=0).text
+        with pytest.raises(openai.BadRequestError, match="embedding model"):
+            client.chat.completions.create(model="all-minilm-l6-v2", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="generative model"):
+            client.embeddings.create(model=NAME, input="hi")
+    finally:
+        srv.stop()
+
+
 def test_cli_encoder_options_and_embedding_model_checked(tiny_dir):
     minilm_dir()  # skips when the bundled MiniLM is not installed
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
