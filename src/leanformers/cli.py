@@ -1,4 +1,4 @@
-"""The `leanformers` command line: generate, chat, info, perplexity, embed, finetune, bench.
+"""The `leanformers` command line: generate, chat, info, perplexity, embed, finetune, bench, serve.
 
 Every command takes `-m/--model` (default: the bundled smollm2-135m-instruct). Arguments are checked
 before a model loads. Errors print one line `leanformers: error: ...` and exit with status 1 (2 for usage
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's limit")
 
     _add_finetune_parser(sub)
+
+    _add_serve_parser(sub)
 
     b = sub.add_parser("bench", help="benchmark decode/prefill speed", add_help=False,
                        description="Benchmark (see `leanformers bench --help`).")
@@ -453,12 +456,107 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ serve
+def _add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics) with continuous batching; an encoder model "
+                                   "(e.g. all-minilm-l6-v2) is served on /v1/embeddings. Needs the serve "
+                                   "extra: pip install 'leanformers[serve]'.")
+    _add_model_args(s)
+    _add_speed_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/ routes (default: $LEANFORMERS_API_KEY if set)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: -m's value)")
+    s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together: KV slots (default: 16)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond, requests get 429 (default: 256)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="tokens per sequence, prompt + completion: the KV slot size (default: the model's context, "
+                        "at most 2048)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps (default: 256)")
+    s.add_argument("--embedding-model", default=None,
+                   help="also serve /v1/embeddings with this encoder model (leanformers.load of an encoder)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    for name, low in (("port", 0), ("max_batch_size", 1), ("max_queue", 0), ("prefill_chunk", 1)):
+        if getattr(args, name) < low:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.port > 65535:
+        raise InvalidArgumentError(f"--port must be <= 65535, got {args.port}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise InvalidArgumentError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise InvalidArgumentError(f"leanformers serve needs the serve extra ({exc.name} is missing): "
+                                   "pip install 'leanformers[serve]'") from None
+    _check_before_loading(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LEANFORMERS_API_KEY") or None
+    from .serve.app import create_app, run
+    from .serve.engine import DEFAULT_MAX_MODEL_LEN, Engine, batch_buckets
+
+    from .encoder import Encoder
+
+    lm = _load(argparse.Namespace(**{**vars(args), "compile": False}))
+    name = args.served_model_name or args.model
+    if isinstance(lm, Encoder):  # an encoder: an embedding server (/v1/embeddings), no engine
+        if args.compile or args.embedding_model:
+            flag = "--compile" if args.compile else "--embedding-model"
+            raise InvalidArgumentError(f"{flag} does not apply: {args.model} is an encoder, served on "
+                                       "/v1/embeddings alone")
+        print(f"leanformers serve: {name} ({lm.architecture}, {lm.dtype}, {lm.dimension} dimensions, "
+              f"max_seq_length {lm.max_seq_length}) on http://{args.host}:{args.port}/v1 - embeddings only"
+              f"{', API key required' if api_key else ''}", file=sys.stderr, flush=True)
+        app = create_app(None, model_name=name, api_key=api_key, embedder=lm)
+        run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        return 0
+    max_len = args.max_model_len if args.max_model_len is not None else min(lm.context_length, DEFAULT_MAX_MODEL_LEN)
+    if max_len > lm.context_length:
+        raise InvalidArgumentError(f"--max-model-len {max_len} is longer than the model's context "
+                                   f"({lm.context_length} tokens)")
+    if args.compile:  # one graph per batch bucket, all over the engine's cache length
+        lm.compile(cache_bucket=max_len, max_graphs=len(batch_buckets(args.max_batch_size)))
+    embedder = None
+    if args.embedding_model:
+        from .lm import load
+
+        embedder = load(args.embedding_model, offline=True if args.offline else None)
+        if not isinstance(embedder, Encoder):
+            raise InvalidArgumentError(f"--embedding-model {args.embedding_model}: not an embedding model (an "
+                                       "encoder such as all-minilm-l6-v2 is needed)")
+    engine = Engine(lm, max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=max_len,
+                    prefill_chunk=args.prefill_chunk)
+    print(f"leanformers serve: {engine.describe_memory()}", file=sys.stderr, flush=True)
+    engine.start()
+    step = "compiled" if lm.step.is_compiled else "eager"
+    print(f"leanformers serve: {name} ({lm.dtype}, {lm.quantization or 'not quantized'}, {step} decode step) on "
+          f"http://{args.host}:{args.port}/v1 - batch {args.max_batch_size}, queue {args.max_queue}, "
+          f"context {max_len}{', API key required' if api_key else ''}", file=sys.stderr, flush=True)
+    app = create_app(engine, model_name=name, api_key=api_key, embedder=embedder,
+                     embedding_model_name=args.embedding_model)
+    run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "perplexity": cmd_perplexity,
-            "embed": cmd_embed, "finetune": cmd_finetune}
+            "embed": cmd_embed, "finetune": cmd_finetune, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # The server's HTTP thread shares the cores with torch's OpenMP workers. Spinning workers (the
+        # default) starve it and each other as soon as a core is busy elsewhere: decode ran several times
+        # slower (bench/RESULTS.md, "Serving"). Read when torch loads, so set before any import of it;
+        # a value the user set wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if argv[:1] == ["bench"]:  # the benchmark has its own options: hand them over untouched
         from .bench import main as bench_main
 
