@@ -111,6 +111,8 @@ def worker_transformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
 def worker_llama_cpp(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     from llama_cpp import Llama
 
+    no_amx_repack()
+
     chat, long = spec["chat_ids"], spec["prefill_ids"]
     n_ctx = max(len(chat) + spec["new_tokens"], len(long)) + 16
     llm = Llama(model_path=spec["model_path"], n_ctx=n_ctx, n_batch=512, n_threads=spec["threads"],
@@ -137,6 +139,26 @@ def worker_llama_cpp(spec: dict[str, Any], t0: float) -> dict[str, Any]:
         return time.perf_counter() - t
 
     return _measure(spec, t0, "Q (gguf)", lambda n: tokens(n, True)[0], lambda n: tokens(n, False), prefill)
+
+
+def no_amx_repack() -> None:
+    """Load models without llama.cpp's "extra buffer types" (the AMX weight repacking): on this machine's
+    AMX-capable Xeon, a llama-cpp-python 0.3.36 built with the defaults segfaults in its first multi-token
+    decode with them (bench/RESULTS.md). Without them llama.cpp runs its ordinary AVX-512 CPU kernels."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    if getattr(llama_cpp.llama_model_default_params, "_no_extra_bufts", False):
+        return
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._no_extra_bufts = True  # type: ignore[attr-defined]
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = params
 
 
 def main(argv: list[str] | None = None) -> int:
