@@ -57,7 +57,8 @@ def describe(reference: str | None, *, revision: str | None = None, offline: boo
     ]
     describe_family = getattr(config, "describe", None)  # a family's own switches (layer pattern, ...)
     if callable(describe_family):
-        lines[7:7] = describe_family()
+        after_rope = next(i for i, line in enumerate(lines) if line.startswith("rope:")) + 1
+        lines[after_rope:after_rope] = describe_family()
     lines.append("files:")
     for f in files:
         lines.append(f"  {Path(f).name:40s} {_human(Path(f).stat().st_size)}")
