@@ -151,6 +151,31 @@ def test_sliding_window_is_applied(family_dirs, tmp_path, kind):
     assert (windowed[:, 6:] - full[:, 6:]).abs().max().item() > 1e-2
 
 
+def test_qwen3_sliding_window_layers_match_transformers(tmp_path):
+    """Qwen3 with use_sliding_window: layers from max_window_layers on are windowed (transformers' layer_types),
+    the ones before are not; beyond the window, in the logits and in greedy decoding with the cache."""
+    FAMILIES["qwen3_window"] = dict(FAMILIES["qwen3"], use_sliding_window=True, sliding_window=5,
+                                    max_window_layers=1)
+    try:
+        d = save_family("qwen3_window", tmp_path / "qwen3_window")
+    finally:
+        del FAMILIES["qwen3_window"]
+    assert json.loads((d / "config.json").read_text())["layer_types"] == ["full_attention", "sliding_attention"]
+    lm, ref = _fresh(d), _reference(d)
+    assert [lm.config.layer_window(i) for i in range(2)] == [None, 5]
+    ids = _ids()
+    with torch.no_grad():
+        ours, theirs = lm.model(ids), ref(ids).logits
+        unwindowed = _fresh(_with_config(d, tmp_path / "full", use_sliding_window=False)).model(ids)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert (ours - unwindowed).abs().max().item() > 1e-2
+    prompt = lm.tokenizer.encode(PROMPTS[0])
+    with torch.no_grad():
+        ref.generation_config.eos_token_id = None
+        out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0)
+    assert _greedy(lm, prompt, 24) == out[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_batch_matches_transformers(family_dirs, kind):
     """Left-padded rows of different lengths with explicit positions, against transformers given the same
