@@ -228,21 +228,24 @@ def _round_tripped(src: Path, dst: Path, qtype: Q) -> Path:
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
+    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
     for f in dst.glob("*.safetensors"):
         state = load_file(f)
         for name, t in state.items():
-            if t.ndim >= 2 and t.shape[-1] % 32 == 0:
-                a = t.float().numpy()
-                state[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).reshape(a.shape).copy())
+            a = t.float().numpy()
+            a = a.T if name.endswith(conv1d) else a  # GPT-2's Conv1D (in, out): blocks run along `in`
+            if a.ndim >= 2 and a.shape[-1] % 32 == 0:
+                a = dequantize(quantize(a, qtype), qtype).reshape(a.shape)
+            state[name] = torch.from_numpy((a.T if name.endswith(conv1d) else a).copy())
         save_file(state, f, metadata={"format": "pt"})
     return dst
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "qwen3_moe"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gguf_quantized_matches_transformers(family_dirs, tmp_path, kind, qtype):
-    """Quantized GGUF matrices (experts stacked) read exactly: against transformers on the checkpoint whose
-    weights went through the same blocks. (GPT-2's Conv1D weights are quantized along the other axis.)"""
+    """Quantized GGUF matrices (experts stacked, Mixtral's q/k rows permuted, GPT-2's Conv1D transposed)
+    read exactly: against transformers on the checkpoint whose weights went through the same blocks."""
     g = write_family_gguf(family_dirs[kind], tmp_path / f"{kind}.gguf", qtype=qtype)
     ref_dir = _round_tripped(family_dirs[kind], tmp_path / "ref", qtype)
     if kind in GGUF_SEMANTICS:
@@ -484,3 +487,18 @@ def test_compiled_decode_equals_eager(family_dirs, tmp_path_factory, kind):
     assert step.calls["eager"] == before["eager"], step.eager
     assert step.calls["compiled"] - before["compiled"] == 23
     assert out == _greedy(_lm(family_dirs, kind), ids, 24)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_from_gguf_loads_in_transformers(family_ggufs, tmp_path, kind):
+    """A model read from GGUF, saved as a Hugging Face directory (the family's config keys and checkpoint
+    names: Mixtral's block_sparse_moe, GPT-2's Conv1D), is read by transformers with the same logits."""
+    from leanformers.train.export import save_pretrained
+
+    lm = _fresh(family_ggufs[kind])
+    out = save_pretrained(lm.model, lm.config, lm.tokenizer, tmp_path / "hf")
+    ref = _reference(out)
+    assert ref.config.model_type == kind
+    ids = _ids()
+    with torch.no_grad():
+        assert (lm.model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
