@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import leanformers
-from leanformers.errors import LeanformersError, UnsupportedModelError
+from leanformers.errors import UnsupportedModelError
 
 from conftest import TINY_INIT_STD, TINY_VOCAB, write_tiny_tokenizer
 from family_gguf import write_family_gguf
@@ -503,6 +503,11 @@ def test_compiled_decode_equals_eager(family_dirs, tmp_path_factory, kind):
     assert step.calls["compiled"] - before["compiled"] == 23
     assert [v["how"] for v in step.info.values()] == ["compiled"]  # one ahead-of-time package, no fallback
     assert out == _greedy(_lm(family_dirs, kind), ids, 24)
+    if kind in ("mixtral", "qwen3_moe"):  # two rows choosing different experts in one compiled step
+        batch = lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)
+        assert step.calls["eager"] == before["eager"], step.eager
+        eager = _lm(family_dirs, kind).generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)
+        assert [o.token_ids for o in batch] == [o.token_ids for o in eager]
 
 
 @pytest.mark.parametrize("kind", KINDS)
