@@ -13,8 +13,9 @@ step; `load(huge_pages=True)` does it at load time. Every parameter and buffer i
 (`set_`): identities, values, dtypes, strides, requires_grad and ties are kept. Only the bytes that
 the module's tensors use are copied, so storages shared with dead tensors (a deepcopy, weights replaced
 by quantized ones) are not carried along. A module whose tensors are all in huge pages already is
-left alone (0 bytes); otherwise all of its tensors are packed into one new mapping, and a previous
-mapping is freed once nothing else refers to it.
+left alone (0 bytes); otherwise all of its tensors are packed into one new mapping (a storage per
+disjoint range: tensors that did not alias before do not alias after), and a previous mapping is freed
+once nothing else refers to it.
 """
 
 from __future__ import annotations
@@ -156,7 +157,6 @@ def move_to_huge_pages(module: nn.Module) -> int:
     raw = torch.frombuffer(mapping, dtype=torch.uint8)
     _arenas.append((raw.data_ptr(), raw.data_ptr() + raw.numel(), weakref.ref(mapping)))
     base = (-raw.data_ptr()) % HUGE_PAGE  # huge pages back only 2 MiB-aligned addresses
-    new = raw.untyped_storage()
     freed = 0
     with torch.no_grad():
         for start, end, members, at in plan:
@@ -164,8 +164,12 @@ def move_to_huge_pages(module: nn.Module) -> int:
             old = torch.empty(0, dtype=torch.uint8).set_(members[0].untyped_storage(), start, (end - start,))
             raw[at:at + end - start].copy_(old)
             del old
+            # a storage of its own per range (each keeps the mapping alive): tensors that did not overlap
+            # before do not alias now; torch.cond refuses branch operands that share a storage (the
+            # experts of models/moe.py in a compiled step)
+            new = torch.frombuffer(mapping, dtype=torch.uint8, offset=at, count=end - start).untyped_storage()
             for t in members:  # re-pointed: the old storage is freed with its last tensor
-                offset = at + t.storage_offset() * t.element_size() - start
+                offset = t.storage_offset() * t.element_size() - start
                 t.set_(new, offset // t.element_size(), t.shape, t.stride())
             freed += end - start
             if freed >= _TRIM_EVERY:

@@ -27,7 +27,8 @@ checkpoints say `block_sparse_moe.experts.{e}.w1/w3/w2` (gate/up/down) and `bloc
 `from_hf_checkpoint` / `to_hf_checkpoint` rename them. Per-expert nn.Linear modules are what lets int8/int4
 quantization (`quantizable_linears`: every expert linear, not the routers, whose top-k choice is sensitive),
 GGUF Q4 exact mapping and fused gate/up work on experts like on any other linear. LoRA targets only the
-attention projections (`adapter_target`): transformers keeps experts as 3-D tensors PEFT cannot wrap.
+attention projections (`adapter_target`): transformers keeps experts as 3-D tensors, onto which PEFT maps
+the MLP projection names.
 GGUF: llama.cpp's `qwen3moe` architecture, and `llama` files with `expert_count` (Mixtral), experts
 stacked (`ffn_gate_exps`, ...; also the older per-expert `ffn_gate.{e}` tensors).
 """
@@ -176,8 +177,10 @@ class MoEForCausalLM(LlamaForCausalLM):
                 yield name, mod
 
     def adapter_target(self, name: str) -> bool:
-        """Attention projections (and dense MLPs): transformers keeps experts as 3-D tensors PEFT cannot wrap."""
-        return ".mlp.experts." not in name and not name.endswith(".mlp.gate")
+        """Attention projections only: transformers keeps experts as 3-D tensors, and PEFT maps the MLP
+        names of these model types (gate_proj, up_proj, down_proj) onto those expert tensors, so an
+        adapter on a dense layer's MLP (Qwen3-MoE mlp_only_layers) would not load there the same."""
+        return ".self_attn." in name
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
