@@ -510,7 +510,9 @@ def test_template_size_and_compile_time_are_bounded(tiny_models, tmp_path, monke
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     monkeypatch.setattr(templates, "TIME_LIMIT", 0.05)
     tok.chat_template = "{{ 'a'|center(10) }}" * (templates.MAX_TEMPLATE_CHARS // 20)  # ~1 MB to parse
-    with pytest.raises(TokenizerError, match="compiling took more than"):
+    # the budget's exception can land inside one of jinja's generators, which Python discards; the next
+    # traced line raises again, so the phase named may be compiling or the rendering that follows
+    with pytest.raises(TokenizerError, match=r"chat_template.jinja: .*(compiling|rendering) took more than 0.05 s"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 

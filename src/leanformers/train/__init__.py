@@ -5,7 +5,7 @@
 
 Modules: args (options), data (formats, packing, order), lora (LoRA / QLoRA, PEFT files, merge),
 loss (the model call and chunked cross-entropy), optim (AdamW, schedules, precision), loop, checkpoint,
-export (Hugging Face directories), api (finetune()).
+export (Hugging Face directories), run (one run's directory, preparation, outputs), api (finetune()).
 """
 
 from .api import FinetuneResult, finetune

@@ -419,7 +419,7 @@ def finetune_classification(args: FinetuneArgs, out: Path, ckpt: Path | None, mo
                             eval_records: list[Record] | None, mode: str) -> Any:
     """finetune(task="classification") once the options, output directory, checkpoint and data files are checked."""
     from ..encoder import load_encoder
-    from .api import FinetuneResult, _base_reference, _clear_run, resume_command
+    from .run import FinetuneResult, _base_reference, _clear_run, resume_command
     from .loop import TrainLoop
     from .lora import save_adapter
     from .optim import Precision

@@ -79,7 +79,7 @@ def finetune_distributed(args: FinetuneArgs) -> Any:
 
 
 def _run(args: FinetuneArgs, group: Group) -> Any:
-    from ..api import FinetuneResult, prepare, save_outputs, start_output
+    from ..run import FinetuneResult, prepare, save_outputs, start_output
 
     if group.launched:
         logger.info("torch.distributed: %d processes (%d on this node), %s on %s, collectives time out after %g s "
@@ -162,7 +162,7 @@ def _identity(prep: Any) -> dict[str, Any]:
 
 def _check_output(args: FinetuneArgs, group: Group) -> tuple[FinetuneArgs, Path | None]:
     """(the options, adjusted on a torchrun restart, and the checkpoint to resume or None)."""
-    from ..api import _previous_run
+    from ..run import _previous_run
 
     out = Path(args.output_dir)
     if group.restart > 0:
@@ -221,7 +221,7 @@ def _log_peak_memory(group: Group) -> None:
 
 def resume_command(args: FinetuneArgs, group: Group) -> str:
     """The torchrun command that continues this run."""
-    from ..api import resume_command as single
+    from ..run import resume_command as single
 
     nodes = group.world_size // max(1, group.local_world_size)
     launcher = ["torchrun", "--nproc-per-node", str(group.local_world_size)]
