@@ -148,6 +148,27 @@ class DecoderModel(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
+    def attention_masks(self, input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, windows: Any = (None,)
+                        ) -> tuple[torch.Tensor, int | None, dict[int | None, torch.Tensor]]:
+        """(positions validated as (B, T), kv_len, {window: mask}) for one forward: one mask per sliding
+        window (None = full attention), shared by the layers with that window. Eager decoding with a cache
+        attends over the filled prefix only (kv_len = the highest position + 1); a compiled step, whose
+        shapes are static, over the whole cache (kv_len None)."""
+        from .ops import attention_mask as make_mask
+
+        positions = self.check_inputs(input_ids, cache, positions, attention_mask)
+        kv_len = None
+        if cache is not None and not torch.compiler.is_compiling():
+            kv_len = int(positions.max()) + 1
+        n_keys = input_ids.shape[1] if cache is None else (kv_len if kv_len is not None else cache.max_len)
+        segments = attention_mask if cache is None else None
+        if segments is not None and bool((segments == 1).all()):
+            segments = None  # an all-ones padding mask changes nothing
+        masks = {w: make_mask(positions, n_keys, window=w, segments=segments, cached=cache is not None)
+                 for w in windows}
+        return positions, kv_len, masks
+
     @staticmethod
     def check_inputs(input_ids: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,7 +39,6 @@ from ..config import check_float, check_int, rope_from_dict, short
 from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
-from . import ops
 from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # all the tanh approximation
@@ -300,17 +299,7 @@ class GemmaForCausalLM(DecoderModel):
     def hidden_states(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = self.check_inputs(input_ids, cache, positions, attention_mask)
-        T = input_ids.shape[1]
-        kv_len = None
-        if cache is not None and not torch.compiler.is_compiling():
-            kv_len = int(positions.max()) + 1  # eager: attend over the filled prefix only
-        n_keys = T if cache is None else (kv_len if kv_len is not None else cache.max_len)
-        segments = attention_mask if cache is None else None
-        if segments is not None and bool((segments == 1).all()):
-            segments = None  # an all-ones padding mask changes nothing
-        masks = {w: ops.attention_mask(positions, n_keys, window=w, segments=segments, cached=cache is not None)
-                 for w in self.windows}
+        positions, kv_len, masks = self.attention_masks(input_ids, cache, positions, attention_mask, self.windows)
 
         x = self.model.embed_tokens(input_ids)
         x = x * self.embed_scale.get(x.dtype, math.sqrt(self.config.hidden_size))

@@ -31,7 +31,6 @@ from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
 from .encoder_common import ACTIVATIONS
-from .llama import attention_mask_for
 from .ops import attend, linear, realized, rowwise
 
 # the projections transformers keeps as Conv1D (weight (in, out))
@@ -231,13 +230,8 @@ class GPT2LMHeadModel(DecoderModel):
     def hidden_states(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = self.check_inputs(input_ids, cache, positions, attention_mask)
-        kv_len = None
-        if cache is not None and not torch.compiler.is_compiling():
-            kv_len = int(positions.max()) + 1  # eager: attend over the filled prefix only
-        n_keys = input_ids.shape[1] if cache is None else (kv_len if kv_len is not None else cache.max_len)
-        mask = attention_mask_for(positions, n_keys, None, attention_mask if cache is None else None,
-                                  cache is not None)
+        positions, kv_len, masks = self.attention_masks(input_ids, cache, positions, attention_mask)
+        mask = masks[None]
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions)  # learned absolute positions, row by row
         for block in t.h:

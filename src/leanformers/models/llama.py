@@ -26,7 +26,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
-from .ops import RMSNorm, apply_rope, attend, attention_mask, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
+from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
 
 
 class Attention(nn.Module):
@@ -153,14 +153,7 @@ class LlamaForCausalLM(DecoderModel):
     def hidden_states(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = self.check_inputs(input_ids, cache, positions, attention_mask)
-        T = input_ids.shape[1]
-        kv_len = None
-        if cache is not None and not torch.compiler.is_compiling():
-            kv_len = int(positions.max()) + 1  # eager: attend over the filled prefix only
-        n_keys = T if cache is None else (kv_len if kv_len is not None else cache.max_len)
-        segments = attention_mask if cache is None else None
-        masks = {w: attention_mask_for(positions, n_keys, w, segments, cache is not None) for w in self.windows}
+        positions, kv_len, masks = self.attention_masks(input_ids, cache, positions, attention_mask, self.windows)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
@@ -203,13 +196,6 @@ def fuse_mlp(mlp: MLP) -> bool:
         mlp.gate_proj = mlp.up_proj = None
         return True
     return False
-
-
-def attention_mask_for(positions, n_keys, window, segments, cached):
-    """The layer masks: shared across layers with the same window."""
-    if segments is not None and bool((segments == 1).all()):
-        segments = None  # an all-ones padding mask changes nothing
-    return attention_mask(positions, n_keys, window=window, segments=segments, cached=cached)
 
 
 def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:

@@ -29,7 +29,6 @@ from ..config import ModelConfig, check_float, short
 from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
-from .llama import attention_mask_for
 from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
 
 LONG_CONTEXT_ROPE = ("longrope", "su", "yarn")
@@ -157,13 +156,8 @@ class Phi3ForCausalLM(DecoderModel):
     def hidden_states(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        positions = self.check_inputs(input_ids, cache, positions, attention_mask)
-        kv_len = None
-        if cache is not None and not torch.compiler.is_compiling():
-            kv_len = int(positions.max()) + 1  # eager: attend over the filled prefix only
-        n_keys = input_ids.shape[1] if cache is None else (kv_len if kv_len is not None else cache.max_len)
-        mask = attention_mask_for(positions, n_keys, self.window, attention_mask if cache is None else None,
-                                  cache is not None)
+        positions, kv_len, masks = self.attention_masks(input_ids, cache, positions, attention_mask, (self.window,))
+        mask = masks[self.window]
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (B, 1, T, rotary_dim)
         for layer in self.model.layers:
