@@ -37,6 +37,7 @@ from torch import nn
 from ..checkpoint.gguf_meta import GGUFMetadata
 from ..config import check_float, check_int, rope_from_dict, short
 from ..errors import ConfigError, UnsupportedModelError
+from . import llama
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
 from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
@@ -465,25 +466,9 @@ def hf_config_dict(config: GemmaConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-def expected_shapes(c: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes that vocab, hidden, heads, head_dim and intermediate sizes imply (checked before building)."""
-    shapes = {
-        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-        "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size),
-        "model.layers.0.self_attn.k_proj.weight": (c.num_key_value_heads * c.head_dim, c.hidden_size),
-        "model.layers.0.mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    return shapes
+# the checkpoint layout (model.layers.N..., q/k/gate shapes) is the Llama family's: its checks apply as they are
+layer_of = llama.layer_of
+expected_shapes = llama.expected_shapes
 
 
 # Gemma3ForConditionalGeneration checkpoints: the text model's tensors under the language model's prefix
