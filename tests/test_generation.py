@@ -64,6 +64,24 @@ def test_batch_equals_single(request, fixture):
         assert out.prompt_tokens == len(lm.tokenizer.encode(prompt))
 
 
+def test_penalized_greedy_matches_transformers(tiny, tiny_models):
+    """A repetition penalty sees each row's whole history (prompt + emitted), rows of uneven length alike."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama3"]), dtype=torch.float32).eval()
+    prompts = ["Once", "The quick brown fox jumps over the lazy dog"]
+    batch = tiny.generate(prompts, max_new_tokens=24, ignore_eos=True, repetition_penalty=1.8)
+    plain = tiny.generate(prompts[1], max_new_tokens=24, ignore_eos=True, repetition_penalty=1.0)
+    for prompt, out in zip(prompts, batch):
+        ids = tiny.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, repetition_penalty=1.8,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert out.token_ids == ref
+    assert plain.token_ids == _uncached_greedy(tiny.model, tiny.tokenizer.encode(prompts[1]), 24)
+    assert plain.token_ids != batch[1].token_ids  # the penalty changed something: the test can fail
+
+
 def test_logprobs_match_direct_forward(tiny):
     ids = tiny.tokenizer.encode("Once upon a time")
     out = tiny.generate(ids, max_new_tokens=6, ignore_eos=True, logprobs=True)

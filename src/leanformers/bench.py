@@ -304,23 +304,26 @@ def worker_leanformers(spec: dict[str, Any], t0: float) -> dict[str, Any]:
             kwargs[key] = spec[key]
     lm = leanformers.load(spec["model_path"], **kwargs)
     chat, long = spec["chat_ids"], spec["prefill_ids"]
-    lm.generate(chat, max_new_tokens=1)
+    # plain greedy decoding, the peers' workload: no repetition penalty (the default for a model without
+    # generation_config.json is 1.1, which transformers and llama.cpp are not asked to apply here)
+    greedy = {"temperature": 0.0, "repetition_penalty": 1.0}
+    lm.generate(chat, max_new_tokens=1, **greedy)
     out: dict[str, Any] = {"ttft_s": round(time.time() - t0, 2), "dtype": str(lm.dtype).removeprefix("torch.")}
     step = lm.step
     if spec.get("compile"):
         out["compiled"] = bool(getattr(step, "graphs", None))
         out["compile_info"] = [dict(v) for v in getattr(step, "info", {}).values()]
     if spec["phase"] == "cold":
-        out["answer_ids"] = lm.generate(chat, max_new_tokens=spec["answer_tokens"], temperature=0.0).token_ids
+        out["answer_ids"] = lm.generate(chat, max_new_tokens=spec["answer_tokens"], **greedy).token_ids
         return out
     n = spec["new_tokens"]
-    lm.generate(chat, max_new_tokens=min(n, 32), ignore_eos=True, temperature=0.0)  # warm-up
-    lm.generate(long, max_new_tokens=1)
+    lm.generate(chat, max_new_tokens=min(n, 32), ignore_eos=True, **greedy)  # warm-up
+    lm.generate(long, max_new_tokens=1, **greedy)
     dec, pre = [], []
     for _ in range(spec["runs"]):
-        r = lm.generate(chat, max_new_tokens=n, ignore_eos=True, temperature=0.0)
+        r = lm.generate(chat, max_new_tokens=n, ignore_eos=True, **greedy)
         dec.append(r.stats["decode_tokens_per_s"])
-        r = lm.generate(long, max_new_tokens=1)
+        r = lm.generate(long, max_new_tokens=1, **greedy)
         pre.append(len(long) / r.stats["prefill_s"])
     out.update(decode_tok_s=_median(dec), prefill_tok_s=_median(pre))
     if getattr(step, "eager", None):

@@ -88,7 +88,12 @@ class DecodeContext:
         self.device = step.model.device
         self.max_len = step.cache_len(max(len(p) for p in prompts) + max_new_tokens)
         self.cache = step.make_cache(len(prompts), self.max_len)
+        # every row's tokens so far, for a repetition penalty: (B, max_len), slots past a row's end hold its
+        # first token (already in its history, so the penalty is unchanged); written a column per step
         self._history: torch.Tensor | None = None
+        if sampler.params.penalized:
+            self._history = torch.tensor([r + [r[0]] * (self.max_len - len(r)) for r in self.rows],
+                                         device=self.device)
 
     def prefill(self, chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
         """Write the prompts into the cache, `chunk` positions at a time; logits (B, V) of each row's last token."""
@@ -117,14 +122,14 @@ class DecodeContext:
 
     def history(self) -> torch.Tensor | None:
         """(B, N) every row's tokens so far (short rows padded with their first token), when a penalty needs it."""
-        if not self.sampler.params.repetition_penalty:
+        if self._history is None:
             return None
-        n = max(len(r) for r in self.rows)
-        if self._history is None or self._history.shape[1] != n:
-            self._history = torch.tensor([r + [r[0]] * (n - len(r)) for r in self.rows], device=self.device)
-        return self._history
+        return self._history[:, :max(len(r) for r in self.rows)]
 
     def append(self, tokens: list[int]) -> None:
+        if self._history is not None:
+            slots = torch.tensor([len(r) for r in self.rows], device=self.device).unsqueeze(1)
+            self._history.scatter_(1, slots, torch.tensor(tokens, device=self.device).unsqueeze(1))
         for row, t in zip(self.rows, tokens):
             row.append(t)
 

@@ -45,6 +45,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition penalty changes the logits (1.0 is none), so the tokens so far are needed."""
+        return self.repetition_penalty not in (None, 1.0)
+
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -96,7 +101,7 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the penalty, temperature and filters in the documented order; returns float32 logits."""
     logits = logits.float()
-    if params.repetition_penalty is not None and history is not None:
+    if params.penalized and history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.greedy:
         return logits

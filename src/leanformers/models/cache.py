@@ -58,15 +58,12 @@ class KVCache:
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, n_kv_heads, T, head_dim) at `positions` (B, T) and return the layer's full buffers."""
         k_buf, v_buf = self.k[layer], self.v[layer]
-        B, H, T, D = k.shape
-        if torch.compiler.is_compiling():  # compiled graphs: a scatter, which Inductor generates its own loop for
-            index = positions.view(B, 1, T, 1).expand(B, H, T, D)
-            k_buf.scatter_(2, index, k.to(k_buf.dtype))
-            v_buf.scatter_(2, index, v.to(v_buf.dtype))
-        else:  # eager: torch's CPU scatter_ is ~100x slower for bfloat16 buffers (bench/RESULTS.md, "Serving")
-            rows = torch.arange(B, device=positions.device).unsqueeze(1)  # (B, 1) with positions (B, T)
-            k_buf[rows, :, positions] = k.transpose(1, 2).to(k_buf.dtype)  # indexed as (B, T, H, D)
-            v_buf[rows, :, positions] = v.transpose(1, 2).to(v_buf.dtype)
+        # an indexed assignment, not scatter_: eager, torch's CPU scatter_ is ~100x slower for bfloat16
+        # buffers; compiled, a scatter_ into the cache window copies the whole window every step (Inductor
+        # writes an indexed assignment in place). bench/RESULTS.md, "Serving" and "After the redesign".
+        rows = torch.arange(k.shape[0], device=positions.device).unsqueeze(1)  # (B, 1) with positions (B, T)
+        k_buf[rows, :, positions] = k.transpose(1, 2).to(k_buf.dtype)  # indexed as (B, T, H, D)
+        v_buf[rows, :, positions] = v.transpose(1, 2).to(v_buf.dtype)
         return k_buf, v_buf
 
     def window(self, length: int) -> "KVCache":

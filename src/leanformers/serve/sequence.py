@@ -164,7 +164,7 @@ def choose_tokens(seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int,
         groups.setdefault(s.group, []).append(r)
     for params, rows in groups.items():
         block = adjusted if len(rows) == len(seqs) else adjusted[rows]
-        history = _history([seqs[r] for r in rows], block.device) if params.repetition_penalty else None
+        history = _history([seqs[r] for r in rows], block.device) if params.penalized else None
         processed = process_logits(block, params, history)
         if params.greedy:
             for r, t in zip(rows, processed.argmax(-1).tolist()):

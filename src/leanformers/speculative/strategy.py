@@ -82,7 +82,7 @@ class SpeculativeDecoding:
         if not self._started:
             self._start(ctx)
         seq, step, sampler = ctx.rows[0], ctx.step, ctx.sampler
-        need_hist = bool(sampler.params.repetition_penalty)
+        need_hist = sampler.params.penalized
         cap = budget - 1  # the round emits up to k + 1 tokens
         draft: list[int] = []
         q = key = None
