@@ -2,7 +2,7 @@
 
     python bench/bench_finetune.py                       # every mode, ~15 minutes on 2 cores
     python bench/bench_finetune.py --modes lf-lora-bf16,hf-lora-bf16 --steps 3
-    python bench/bench_finetune.py --distributed --threads 1 --seq-len 128 --batch-size 4   # torchrun DDP/FSDP
+    python bench/bench_finetune.py --distributed --threads 1 --seq-len 128 --batch-size 4   # torchrun, accelerate
 
 SmolLM2-135M-Instruct (the bundled GGUF, dequantized once into a float32 Hugging Face directory that both
 libraries load), rows of --seq-len 512 tokens, batch 8, the same pre-tokenized examples for every library:
@@ -22,8 +22,12 @@ mode with the transformers mode of the same method and precision.
 
 --distributed (issue 13): leanformers.finetune, full fine-tuning in fp32, on 1 process without torchrun and
 on 1 and 2 processes under `torchrun --standalone` with DDP and FSDP, --threads threads per process, the same
-global batch of --batch-size packed rows per step (each of 2 processes takes half). Reported per mode:
-global non-padding tokens per second (median over the timed steps, min-max) and each rank's peak RSS.
+global batch of --batch-size packed rows per step (each of 2 processes takes half); and transformers' Trainer
+under `accelerate launch` (CPU, 127.0.0.1 only, offline) on 1 process and on 2 with DDP, on the same packed
+rows in the same order, attention masked per packed example as in leanformers (see trainer_rows), with the same
+hyperparameters and threads (accelerate's FSDP plugin does not run on CPU processes: see ACC_MODES). Reported
+per mode: global non-padding tokens per second (median over the timed steps, min-max), each rank's peak RSS
+(VmHWM), and for leanformers modes both as ratios to the accelerate+Trainer mode of the same processes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_MODES = {"hf-lora-fp32": ("lora", "fp32"), "hf-lora-bf16": ("lora", "bf16"), "hf-full-fp32": ("full", "fp32"),
@@ -88,10 +93,45 @@ def prepare(work: Path, seq_len: int, n_examples: int) -> tuple[Path, Path, Path
 
 
 # ------------------------------------------------------------------------------------------ workers
+def make_trainer(model, data: list[dict], collate: Callable[[list[dict]], dict], *, batch_size: int, n_steps: int,
+                 bf16: bool, output_dir: Path) -> tuple[Any, list[float]]:
+    """transformers' Trainer over `data` in its order (no shuffling), `batch_size` rows per process, the shared
+    hyperparameters (AdamW fused, LR constant, no weight decay, grad norm clipped at 1.0), no checkpoints; DDP
+    without the search for unused parameters (Trainer's default turns it on; leanformers' DDP has it off, and
+    torch warns that it costs a traversal of the graph per step when nothing is unused).
+
+    Returns the Trainer, not yet trained, and the list its callback fills: perf_counter() at the first step's
+    start and at every step's end (on every process; under `accelerate launch` the Trainer's Accelerator shards
+    the batches over the processes)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    targs = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, max_steps=n_steps,
+        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=bf16,
+        use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0,
+        disable_tqdm=True, remove_unused_columns=False, optim="adamw_torch_fused", seed=0,
+        ddp_find_unused_parameters=False)
+    return InOrder(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()]), stamps
+
+
 def worker_hf(mode: str, model_dir: Path, rows: list[list[int]], a: argparse.Namespace) -> dict:
     import torch
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     method, prec = HF_MODES[mode]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -115,26 +155,9 @@ def worker_hf(mode: str, model_dir: Path, rows: list[list[int]], a: argparse.Nam
             mask[b, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not stamps:
-                stamps.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
-    class InOrder(Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
-
-    targs = TrainingArguments(
-        output_dir=str(a.work / f"hf-out-{mode}"), per_device_train_batch_size=a.batch_size, max_steps=n_steps,
-        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=prec == "bf16",
-        use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0,
-        disable_tqdm=True, remove_unused_columns=False, optim="adamw_torch_fused", seed=0)
-    InOrder(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
+    trainer, stamps = make_trainer(model, data, collate, batch_size=a.batch_size, n_steps=n_steps,
+                                   bf16=prec == "bf16", output_dir=a.work / f"hf-out-{mode}")
+    trainer.train()
     times = [b - a_ for a_, b in zip(stamps, stamps[1:])]
     return {"step_s": times[a.warmup :], "tokens": tokens[a.warmup :]}
 
@@ -243,6 +266,36 @@ def alternate(a: argparse.Namespace, model_dir: Path, rounds: int = 3, batch: in
 # ------------------------------------------------------------------------------------------ distributed
 DIST_MODES = {"single": (1, None), "ddp-1": (1, "ddp"), "fsdp-1": (1, "fsdp"), "ddp-2": (2, "ddp"),
               "fsdp-2": (2, "fsdp")}  # mode: (processes, strategy; None = no torchrun)
+# transformers' Trainer under `accelerate launch`: mode -> (processes, the distributed type the Trainer's
+# Accelerator must run, the launcher's flags). One process: the simple launcher (--cpu), no torch.distributed.
+# Two: accelerate's torch-elastic launcher (--multi_gpu), its only local multi-process launcher besides mpirun
+# (`--cpu` with 2 processes starts one process unless given an MPI hostfile); on a machine without GPUs the
+# Trainer (use_cpu) runs its 2 processes as MULTI_CPU over gloo, with DDP. --use_fsdp asks for FSDP2, which
+# accelerate 1.15 enables only for GPU-like distributed types, not MULTI_CPU (accelerate/state.py,
+# AcceleratorState): the worker checks and reports it instead of training DDP under an FSDP name.
+ACC_MODES: dict[str, tuple[int, str, list[str]]] = {
+    "hf-accel-1": (1, "NO", ["--cpu"]),
+    "hf-accel-ddp-2": (2, "MULTI_CPU", ["--multi_gpu"]),
+    "hf-accel-fsdp-2": (2, "FSDP", ["--use_fsdp", "--fsdp_version", "2",
+                                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                                    "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+                                    "--fsdp_reshard_after_forward", "true",
+                                    "--fsdp_state_dict_type", "FULL_STATE_DICT"]),
+}
+# the accelerate+Trainer mode each leanformers mode is compared with: the first of these that was measured
+# (fsdp-2 against DDP, the Trainer's only 2-process strategy on CPU, when its FSDP cannot run)
+ACC_PEER = {"single": ("hf-accel-1",), "ddp-1": ("hf-accel-1",), "fsdp-1": ("hf-accel-1",),
+            "ddp-2": ("hf-accel-ddp-2",), "fsdp-2": ("hf-accel-fsdp-2", "hf-accel-ddp-2")}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM, which starts afresh at exec (ru_maxrss would carry the launcher's
+    peak over fork + exec: torchrun's, accelerate's or this driver's); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def dist_data(work: Path, n_records: int) -> Path:
@@ -260,8 +313,35 @@ def dist_data(work: Path, n_records: int) -> Path:
     return path
 
 
+def trainer_rows(a: argparse.Namespace, model_dir: Path, data: Path) -> Path:
+    """The packed rows leanformers.finetune trains on from `data`, in the order it takes them, as JSON for the
+    Trainer, so that both libraries train on the same tokens: the same tokenizer, packing and seed (finetune's
+    default), and rows [i*B, (i+1)*B) form global step i's batch of B = --batch-size rows in both. Each of 2
+    processes also gets the same half: leanformers hands rank k the k-th slice of the global batch, accelerate
+    the k-th per-process batch in turn. Each row keeps its positions (restarting at 0 in every packed example),
+    from which transformers masks attention to each example, as leanformers' segment mask does."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from leanformers.tokenizer import load_tokenizer_from_dir
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.data import build_dataset
+
+    need = (a.warmup + a.steps) * a.batch_size
+    ds = build_dataset(data, load_tokenizer_from_dir(model_dir), seq_len=a.seq_len, packing=True,
+                       batch_size=a.batch_size, grad_accum=1, seed=FinetuneArgs.seed)
+    if need > len(ds.rows):  # a second epoch would reshuffle: keep to the first
+        raise SystemExit(f"{data}: {len(ds.rows)} packed rows of {a.seq_len} tokens, fewer than the {need} of "
+                         f"{a.warmup + a.steps} steps x batch {a.batch_size}")
+    rows = [ds.rows[i] for i in ds.order(0)[:need]]
+    path = a.work / f"trainer-rows-{a.seq_len}-{need}.json"
+    path.write_text(json.dumps([{"input_ids": r.input_ids, "labels": r.labels, "positions": r.positions}
+                                for r in rows]))
+    return path
+
+
 def dist_worker(a: argparse.Namespace) -> None:
     """One process of a distributed mode (under torchrun, or alone for "single"): train, print RESULT."""
+    if a.dist_worker in ACC_MODES:
+        return accelerate_worker(a)
     import torch
 
     torch.set_num_threads(a.threads)
@@ -271,10 +351,12 @@ def dist_worker(a: argparse.Namespace) -> None:
     procs, strategy = DIST_MODES[a.dist_worker]
     stamps: list[float] = []
     tokens: list[int] = []
+    losses: list[float] = []
 
     def clock(row):
         stamps.append(time.perf_counter())
         tokens.append(row["tokens"])
+        losses.append(row["loss"])
 
     out = a.work / f"dist-out-{a.dist_worker}"
     extra = {"strategy": strategy} if strategy else {}
@@ -287,54 +369,173 @@ def dist_worker(a: argparse.Namespace) -> None:
     times = [y - x for x, y in zip(stamps, stamps[1:])]
     per_step = [y - x for x, y in zip(tokens, tokens[1:])]
     rank = int(os.environ.get("RANK", 0))
-    res = {"rank": rank, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = {"rank": rank, "peak_rss_mb": peak_rss_mb()}
     if rank == 0:
-        res.update(step_s=times[a.warmup :], tokens=per_step[a.warmup :])
+        res.update(step_s=times[a.warmup :], tokens=per_step[a.warmup :], loss=losses)
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def accelerate_worker(a: argparse.Namespace) -> None:
+    """One process of an ACC_MODES mode (under `accelerate launch`): transformers' Trainer, full fine-tuning in
+    fp32 of the rows trainer_rows wrote, --batch-size / processes rows per process, then the model saved (as
+    leanformers.finetune saves it, so both peaks include the save); print RESULT. A run whose Accelerator is not
+    of the mode's distributed type reports that as its error, untrained."""
+    import accelerate
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    procs, kind, flags = ACC_MODES[a.dist_worker]
+    rows = json.loads(Path(a.rows).read_text())
+    n_steps = a.warmup + a.steps
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    model.config.use_cache = False  # no KV cache in training; with one, transformers ignores the packed positions
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids, labels and position_ids; no attention mask, so that transformers derives
+        one causal mask per packed example from where the positions restart."""
+        T = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros((len(batch), T), dtype=torch.long)
+        labels = torch.full((len(batch), T), -100)
+        pos = torch.zeros((len(batch), T), dtype=torch.long)
+        for b, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[b, :n], labels[b, :n], pos[b, :n] = (torch.tensor(r[k]) for k in ("input_ids", "labels", "positions"))
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+    trainer, stamps = make_trainer(model, rows, collate, batch_size=a.batch_size // procs, n_steps=n_steps,
+                                   bf16=False, output_dir=a.work / f"dist-out-{a.dist_worker}")
+    rank = int(os.environ.get("RANK", 0))
+    res: dict[str, Any] = {"rank": rank, "world_size": trainer.args.world_size}
+    got = trainer.accelerator.distributed_type.value
+    if got != kind:
+        res["error"] = (f"`accelerate launch {flags[0]}` asked for {kind}, but the Trainer's Accelerator runs {got} "
+                        f"(accelerate {accelerate.__version__}, {'a' if torch.cuda.is_available() else 'no'} GPU)")
+        if kind == "FSDP" and got == "MULTI_CPU":
+            res["error"] += (": accelerate enables its FSDP plugin only for GPU-like distributed types (MULTI_GPU, "
+                             "MULTI_XPU, ...), not for CPU processes (AcceleratorState in accelerate/state.py), so "
+                             "training on would be DDP under an FSDP name")
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    trainer.train()
+    trainer.save_model()
+    res.update(peak_rss_mb=peak_rss_mb(), wrapper=type(trainer.model_wrapped).__name__)
+    if rank == 0:
+        times = [y - x for x, y in zip(stamps, stamps[1:])]
+        tokens = [sum(len(r["input_ids"]) for r in rows[i * a.batch_size : (i + 1) * a.batch_size])
+                  for i in range(n_steps)]
+        res.update(step_s=times[a.warmup :], tokens=tokens[a.warmup :],
+                   loss=[h["loss"] for h in trainer.state.log_history if "loss" in h])
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for accelerate's --main_process_port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dist_command(m: str, a: argparse.Namespace, model_dir: Path, data: Path) -> list[str]:
+    """The launch of mode `m`: python alone, torchrun, or `accelerate launch` (local only: 127.0.0.1)."""
+    worker = [__file__, "--dist-worker", m, "--model-dir", str(model_dir), "--rows", str(data), "--steps",
+              str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--seq-len", str(a.seq_len),
+              "--batch-size", str(a.batch_size), "--work", str(a.work)]
+    if m in ACC_MODES:
+        procs, _, flags = ACC_MODES[m]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", str(a.threads), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(free_port()), *flags, *worker]
+    procs, strategy = DIST_MODES[m]
+    if strategy is None:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *worker]
+
+
+def first_error(stderr: str) -> str:
+    """The line of a failed launch's stderr that names the error (the last 'SomethingError: ...' line)."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+    named = [x for x in lines if x.split(":", 1)[0].endswith(("Error", "Exception")) and ":" in x]
+    return (named or lines or ["(no output)"])[-1][:400]
+
+
 def run_distributed(a: argparse.Namespace, model_dir: Path) -> str:
-    """Every DIST_MODES mode as its own launch, interleaved over --rounds; a markdown table."""
+    """Every DIST_MODES and ACC_MODES mode as its own launch, interleaved over --rounds; a markdown table."""
     data = dist_data(a.work, 200)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(a.threads))
-    modes = [m for m in a.modes.split(",") if m in DIST_MODES] or list(DIST_MODES)
+               OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    known = {**DIST_MODES, **ACC_MODES}
+    modes = [m for m in a.modes.split(",") if m in known] or list(known)
+    rows_file = trainer_rows(a, model_dir, data) if any(m in ACC_MODES for m in modes) else None
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    errors: dict[str, str] = {}
     for r in range(a.rounds):
         for m in modes:
-            procs, strategy = DIST_MODES[m]
-            launch = [sys.executable] if strategy is None else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
-            cmd = launch + [__file__, "--dist-worker", m, "--model-dir", str(model_dir), "--rows", str(data),
-                            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
-                            "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--work", str(a.work)]
+            procs = known[m][0]
+            cmd = dist_command(m, a, model_dir, rows_file if m in ACC_MODES else data)
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             res = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or len(res) != procs:
-                print(f"{m}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            reported = next((x["error"] for x in res if "error" in x), None)
+            sizes = [x.get("world_size", procs) for x in res]
+            if proc.returncode or reported or len(res) != procs or any(n != procs for n in sizes):
+                errors[m] = reported or (first_error(proc.stderr) if proc.returncode else
+                                         f"{len(res)} of {procs} processes reported, world sizes {sizes}")
+                print(f"{m}: failed: {errors[m]}\n{proc.stderr[-3000:] if proc.returncode else ''}", file=sys.stderr)
                 continue
             res.sort(key=lambda x: x["rank"])
             run = dict(res[0], rss=[x["peak_rss_mb"] for x in res])
             results[m].append(run)
             tps = [t / s for t, s in zip(run["tokens"], run["step_s"])]
-            print(f"round {r + 1} {m:8s} {statistics.median(tps):8.0f} tok/s  peak RSS per rank "
-                  f"{', '.join(f'{x:.0f}' for x in run['rss'])} MB ({time.time() - t0:.0f} s)", file=sys.stderr,
+            print(f"round {r + 1} {m:15s} {statistics.median(tps):8.0f} tok/s  peak RSS per rank "
+                  f"{', '.join(f'{x:.0f}' for x in run['rss'])} MB ({time.time() - t0:.0f} s)"
+                  + (f", the Trainer's model: {run['wrapper']}" if "wrapper" in run else ""), file=sys.stderr,
                   flush=True)
+    return dist_table(a, results, errors)
+
+
+def dist_table(a: argparse.Namespace, results: dict[str, list[dict]], errors: dict[str, str]) -> str:
+    """The markdown table of run_distributed: per mode the median tokens/s, each rank's median peak RSS, and
+    for leanformers modes both against the accelerate+Trainer mode of the same processes and strategy."""
+    summary: dict[str, tuple[float, float, float, list[float]]] = {}  # mode: (median, min, max tokens/s, rss)
+    for m, runs in results.items():
+        if runs:
+            tps = [t / s for run in runs for t, s in zip(run["tokens"], run["step_s"])]
+            rss = [statistics.median(run["rss"][k] for run in runs) for k in range(len(runs[0]["rss"]))]
+            summary[m] = (statistics.median(tps), min(tps), max(tps), rss)
     lines = [f"full fine-tuning fp32, seq-len {a.seq_len}, global batch {a.batch_size} packed rows, {a.threads} "
              f"thread(s) per process, {a.steps} timed steps x {a.rounds} round(s) per mode", "",
-             "| mode | processes | tokens/s (median) | min-max | vs single | peak RSS per rank MB (median) |",
-             "|---|---:|---:|---:|---:|---|"]
-    base = None
-    for m, runs in results.items():
-        if not runs:
-            continue
-        tps = [t / s for run in runs for t, s in zip(run["tokens"], run["step_s"])]
-        med = statistics.median(tps)
-        base = base if base is not None or m != "single" else med
-        rss = [statistics.median(run["rss"][k] for run in runs) for k in range(len(runs[0]["rss"]))]
-        lines.append(f"| {m} | {DIST_MODES[m][0]} | {med:.0f} | {min(tps):.0f}-{max(tps):.0f} | "
-                     f"{f'{med / base:.2f}x' if base else ''} | {', '.join(f'{x:.0f}' for x in rss)} |")
+             "| mode | processes | tokens/s (median) | min-max | vs single | peak RSS per rank MB (median) | "
+             "tokens/s vs accelerate+Trainer | peak RSS vs accelerate+Trainer |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    peers = {m: next((p for p in ACC_PEER[m] if p in summary), None) for m in summary if m in ACC_PEER}
+    for m, (med, lo, hi, rss) in summary.items():
+        base = summary.get("hf-accel-1" if m in ACC_MODES else "single")
+        peer = summary.get(peers.get(m) or "")
+        procs = ACC_MODES[m][0] if m in ACC_MODES else DIST_MODES[m][0]
+        lines.append(f"| {m} | {procs} | {med:.0f} | {lo:.0f}-{hi:.0f} | {f'{med / base[0]:.2f}x' if base else ''} | "
+                     f"{', '.join(f'{x:.0f}' for x in rss)} | {f'{med / peer[0]:.2f}x' if peer else ''} | "
+                     f"{f'{max(rss) / max(peer[3]):.2f}x' if peer else ''} |")
+    lines += ["", "hf-accel-*: transformers' Trainer under `accelerate launch` (same model directory, packed rows, "
+              "per-process batch, lr, AdamW, steps and threads). Peak RSS: each rank's VmHWM over the whole process "
+              "(load, data, steps, final save). vs single: against the same library's 1-process mode (`single`, "
+              "`hf-accel-1`). The last two columns: leanformers / accelerate+Trainer ("
+              + (", ".join(f"{m} against {p}" for m, p in peers.items() if p) or "none measured")
+              + "), peak RSS as the maximum over ranks."]
+    runs0 = {m: runs[0]["tokens"] for m, runs in results.items() if runs}
+    if len(set(map(tuple, runs0.values()))) > 1:
+        lines.append(f"Tokens per timed step differ between modes: {runs0}")
+    elif runs0:
+        lines.append(f"Every mode trained on the same tokens per timed step: {next(iter(runs0.values()))}.")
+    diffs = {m: max(abs(x - y) for x, y in zip(results[m][0]["loss"], results[p][0]["loss"]))
+             for m, p in peers.items() if p}
+    if diffs:  # the same data, model and hyperparameters give the same training losses (to float noise)
+        lines.append("Per-step training losses against accelerate+Trainer, largest difference: "
+                     + ", ".join(f"{m} {d:.1e}" for m, d in diffs.items()) + ".")
+    lines += [f"{m}: not measured: {err}" for m, err in errors.items() if not results.get(m)]
     return "\n".join(lines) + "\n"
 
 
@@ -368,8 +569,8 @@ def main() -> None:
     p.add_argument("--alternate", action="store_true",
                    help="instead: LoRA bf16 forward+backward of both libraries alternating in one process")
     p.add_argument("--distributed", action="store_true",
-                   help="instead: leanformers on 1 and 2 processes, DDP and FSDP (torchrun); --modes from "
-                        + ",".join(DIST_MODES))
+                   help="instead: leanformers on 1 and 2 processes, DDP and FSDP (torchrun), and transformers' "
+                        "Trainer under `accelerate launch`; --modes from " + ",".join([*DIST_MODES, *ACC_MODES]))
     p.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import leanformers
+from conftest import TINY_VOCAB, write_tiny_tokenizer
 from finetune_utils import metrics, write_text_data
 from leanformers.errors import InvalidArgumentError
 
@@ -48,6 +50,9 @@ def callback(row):
         time.sleep(hooks["sleep_s"])           # a worker hangs
 
 leanformers.finetune(model, data=data, output_dir=out, callback=callback, **opts)
+if hooks.get("peak_rss"):  # this rank's peak RSS: VmHWM (ru_maxrss would carry the launcher's over fork + exec)
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stdout.write("PEAK_RSS " + json.dumps({"rank": rank, "mb": hwm_kb / 1024}) + "\n")  # one write per line
 """
 
 COMMON = dict(method="full", seq_len=48, precision="fp32", lr=2e-3, warmup_steps=2, weight_decay=0.01, seed=7,
@@ -151,6 +156,73 @@ def test_two_processes_match_one(tiny_models, tmp_path, strategy, method, extra)
     assert_close(evals_two, [r["eval_loss"] for r in metrics(ref.output_dir) if "eval_loss" in r])
     assert_same_weights(two, ref.output_dir, method)
     assert losses(two)[-1] < losses(two)[0]  # it learns
+
+
+# ------------------------------------------------------------------------------------ memory
+MIB = 2**20
+
+
+def _save_llama(directory: Path, *, hidden: int, intermediate: int, layers: int) -> int:
+    """A random Llama (fp32, untied head, the tiny tokenizer) saved by transformers; its parameter count."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                                      max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+                                      eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    write_tiny_tokenizer(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _peak_rss(p: subprocess.CompletedProcess) -> list[float]:
+    """Per-rank peak RSS in MiB (rank order), from the PEAK_RSS lines of WORKER's `peak_rss` hook."""
+    # found anywhere in the output: the ranks share torchrun's stdout, so one line may run into the other's
+    rows = sorted((json.loads(x) for x in re.findall(r"PEAK_RSS (\{[^}]*\})", p.stdout)), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1], p.stdout[-2000:]
+    return [r["mb"] for r in rows]
+
+
+@pytest.mark.slow
+def test_fsdp_peak_rss_per_rank_is_below_ddp(tmp_path):
+    """Issue 13: peak RSS per rank under FSDP is below DDP's for the same model (measured, printed).
+
+    Full fine-tuning in fp32 of a ~32M-parameter Llama on 2 processes with tiny batches, so that weights,
+    gradients and AdamW's two moments (16 bytes per parameter, ~486 MiB) dominate each process's RSS rather than
+    torch's own baseline (~220 MiB) or the activations. Peak RSS is each rank's VmHWM (WORKER's peak_rss hook).
+
+    Both launches run with the default allocator, as a user's would. On CPU the FSDP path fixes glibc's mmap
+    threshold (`strategy.fix_mmap_threshold`): by default a freed mmap-ed block raises the threshold (up to
+    32 MiB), and the megabyte-sized buffers FSDP all-gathers and reduce-scatters every step then stay on a
+    fragmented heap; without the fix this test measured FSDP above DDP (921, 998 MiB against 852, 848 MiB per
+    rank; ~620-650 MiB with it). bench/RESULTS.md, "Distributed fine-tuning (issue 13)", shows the same on
+    SmolLM2-135M.
+    """
+    model = tmp_path / "model"
+    n = _save_llama(model, hidden=512, intermediate=1536, layers=10)
+    data = write_text_data(tmp_path / "train.jsonl", 16)
+    opts = dict(method="full", precision="fp32", seq_len=32, batch_size=1, max_steps=3, lr=1e-4, save_every=None,
+                _hooks={"peak_rss": True})
+    peaks, logged = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        p = torchrun(tmp_path, 2, model, data, tmp_path / strategy, dict(opts, strategy=strategy))
+        peaks[strategy] = _peak_rss(p)
+        logged[strategy] = next((x.rsplit(": ", 1)[1] for x in p.stderr.splitlines() if "peak RSS per rank" in x), "")
+    ratio = max(peaks["fsdp"]) / max(peaks["ddp"])
+    print(f"\n{n / 1e6:.1f}M parameters, fp32, 2 processes; peak RSS per rank (VmHWM, MiB): "
+          f"ddp {', '.join(f'{x:.0f}' for x in peaks['ddp'])}; fsdp {', '.join(f'{x:.0f}' for x in peaks['fsdp'])}; "
+          f"fsdp / ddp (max over ranks) {ratio:.2f}  [the loop's log: ddp {logged['ddp']}; fsdp {logged['fsdp']}]")
+    # What sharding saves: DDP keeps weights + gradients + 2 AdamW moments whole on every rank, 16 bytes per
+    # parameter (~486 MiB here); FSDP keeps half of each on each of the 2 ranks, 8 bytes per parameter, so it saves
+    # ~243 MiB per rank while training. Every rank still loads the whole weights before sharding them (4-6 bytes
+    # per parameter while sharding), and at the end rank 0 gathers them again to save them next to its shards
+    # (8 + 4 = 12 bytes per parameter), so FSDP's peak is at least 4 bytes per parameter (~122 MiB) below DDP's
+    # on every rank. The margin is half of that (~61 MiB); the other half absorbs FSDP's gathered blocks (one
+    # layer is ~12 MiB, two in flight) and allocator noise.
+    margin = 0.5 * 4 * n / MIB
+    assert max(peaks["fsdp"]) < min(peaks["ddp"]) - margin, (peaks, margin)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
