@@ -58,9 +58,13 @@ class KVCache:
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, n_kv_heads, T, head_dim) at `positions` (B, T) and return the layer's full buffers."""
         k_buf, v_buf = self.k[layer], self.v[layer]
-        # an indexed assignment, not scatter_: eager, torch's CPU scatter_ is ~100x slower for bfloat16
-        # buffers; compiled, a scatter_ into the cache window copies the whole window every step (Inductor
-        # writes an indexed assignment in place). bench/RESULTS.md, "Serving" and "After the redesign".
+        # index_copy_ or an indexed assignment, not scatter_: eager, torch's CPU scatter_ is ~100x slower for
+        # bfloat16 buffers; compiled, a scatter_ into the cache window copies the whole window every step
+        # (Inductor writes these two in place). bench/RESULTS.md, "Serving" and "After the redesign".
+        if k.shape[0] == 1:  # one row (plain generation): the cheapest write
+            k_buf.index_copy_(2, positions[0], k.to(k_buf.dtype))
+            v_buf.index_copy_(2, positions[0], v.to(v_buf.dtype))
+            return k_buf, v_buf
         rows = torch.arange(k.shape[0], device=positions.device).unsqueeze(1)  # (B, 1) with positions (B, T)
         k_buf[rows, :, positions] = k.transpose(1, 2).to(k_buf.dtype)  # indexed as (B, T, H, D)
         v_buf[rows, :, positions] = v.transpose(1, 2).to(v_buf.dtype)
