@@ -15,6 +15,8 @@ root (it puts src/ on sys.path), normally through bench/gpu_check.sh:
     leanformers.quantize is present and works on the device.
 (c) fine-tuning loop (leanformers.train): full fine-tuning steps of a tiny random model in fp32,
     bf16-mixed, fp16-mixed (GradScaler) and bf16-true, losses against CPU fp32 (--skip-train to skip).
+(d) when more than one GPU is visible (or --dist N): the same run under torchrun on 2 processes with DDP
+    and with FSDP2 (NCCL; gloo with --device cpu), losses against one CPU fp32 process with the whole batch.
 
 Prints Markdown tables; writes gpu_check.json to --out or $OUT (when set). Exit status 1 when a parity
 check fails.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -232,14 +235,9 @@ def speed(device: str, cfg: dict, mode: str | None, new_tokens: int, runs: int, 
     return rows
 
 
-def training_check(device: str, steps: int = 6) -> tuple[list[dict], bool]:
-    """(c) The fine-tuning loop (leanformers.train) on DEVICE: a few full fine-tuning steps of a tiny random
-    model per precision, losses against CPU fp32 (the same initial weights and batches)."""
-    from leanformers.train.args import FinetuneArgs
-    from leanformers.train.data import Dataset, Row
-    from leanformers.train.loop import TrainLoop
-    from leanformers.train.loss import causal_lm_loss
-    from leanformers.train.optim import Precision
+def training_rows(steps: int) -> list:
+    """4 rows per step of random token ids, 16-127 tokens each (the same for every check and process)."""
+    from leanformers.train.data import Row
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -247,6 +245,19 @@ def training_check(device: str, steps: int = 6) -> tuple[list[dict], bool]:
         n = int(torch.randint(16, 128, (1,), generator=g))
         ids = torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist()
         rows.append(Row(ids, ids, [1] * n, list(range(n))))
+    return rows
+
+
+def training_check(device: str, steps: int = 6) -> tuple[list[dict], bool]:
+    """(c) The fine-tuning loop (leanformers.train) on DEVICE: a few full fine-tuning steps of a tiny random
+    model per precision, losses against CPU fp32 (the same initial weights and batches)."""
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.data import Dataset
+    from leanformers.train.loop import TrainLoop
+    from leanformers.train.loss import causal_lm_loss
+    from leanformers.train.optim import Precision
+
+    rows = training_rows(steps)
 
     def run(dev: str, precision: str) -> tuple[list[float], float]:
         model = random_model(TINY, seed=3, device=dev, dtype=torch.float32)
@@ -282,6 +293,85 @@ def training_check(device: str, steps: int = 6) -> tuple[list[dict], bool]:
     return out_rows, ok
 
 
+def dist_worker(strategy: str, device: str, steps: int) -> None:
+    """One rank of distributed_check (under torchrun): training_check's model and rows, full fp32 fine-tuning
+    with DDP or FSDP2, global batch 4 split over the ranks; rank 0 prints the per-step losses."""
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.data import Dataset
+    from leanformers.train.distributed.data import RankShard
+    from leanformers.train.distributed.env import Group
+    from leanformers.train.distributed.loop import DistributedTrainLoop
+    from leanformers.train.distributed.strategy import check_strategy, inner_model, wrap
+    from leanformers.train.loss import causal_lm_loss
+    from leanformers.train.optim import Precision
+
+    world = int(os.environ["WORLD_SIZE"])
+    losses: list[float] = []
+    with tempfile.TemporaryDirectory() as out:  # each rank its own; no checkpoints
+        args = FinetuneArgs(model="random", data="-", output_dir=out, method="full", max_steps=steps,
+                            batch_size=4 // world, lr=1e-3, lr_schedule="constant", precision="fp32", save_every=None,
+                            device=device, progress=False, strategy=strategy, dist_timeout=120.0,
+                            callback=lambda r: losses.append(r["loss"])).check()
+        group = Group.start(args)
+        try:
+            check_strategy(args, group)
+            model = random_model(TINY, seed=3, device="cpu", dtype=torch.float32)  # moved by the wrapper
+            model.requires_grad_(True)
+            precision = Precision("fp32", group.device)
+            wrapped, sync = wrap(strategy, model, causal_lm_loss, group, precision, args)
+            shard = RankShard(Dataset(training_rows(steps), 4 // world, 1, 0, 0), group.rank, group.world_size)
+            DistributedTrainLoop(wrapped, inner_model(wrapped), shard, args, precision, Path(out), group=group,
+                                 strategy=strategy, sync=sync).run()
+        finally:
+            group.close()
+    if group.rank == 0:
+        print("DIST_LOSSES " + json.dumps(losses), flush=True)
+
+
+def distributed_check(device: str, procs: int = 2, steps: int = 6) -> tuple[list[dict], bool]:
+    """(d) DDP and FSDP2 on `procs` processes (torchrun; NCCL on GPUs, gloo on CPU): the per-step losses of
+    training_check's run against one CPU fp32 process with the whole batch."""
+    from leanformers.train.args import FinetuneArgs
+    from leanformers.train.data import Dataset
+    from leanformers.train.loop import TrainLoop
+    from leanformers.train.loss import causal_lm_loss
+    from leanformers.train.optim import Precision
+
+    ref: list[float] = []
+    model = random_model(TINY, seed=3, device="cpu", dtype=torch.float32)
+    model.requires_grad_(True)
+    with tempfile.TemporaryDirectory() as out:
+        args = FinetuneArgs(model="random", data="-", output_dir=out, method="full", max_steps=steps, batch_size=4,
+                            lr=1e-3, lr_schedule="constant", precision="fp32", save_every=None, device="cpu",
+                            progress=False, callback=lambda r: ref.append(r["loss"])).check()
+        TrainLoop(model, causal_lm_loss, Dataset(training_rows(steps), 4, 1, 0, 0), args,
+                  Precision("fp32", torch.device("cpu")), Path(out)).run()
+    rows, ok = [], True
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    for strategy in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+               str(Path(__file__).resolve()), "--dist-worker", strategy, "--device", device, "--dist-steps", str(steps)]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+            found = [json.loads(x.split("DIST_LOSSES ", 1)[1]) for x in p.stdout.splitlines() if "DIST_LOSSES " in x]
+            if p.returncode or not found:
+                raise RuntimeError(f"exit {p.returncode}: {(p.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+        except Exception as exc:  # report and go on
+            rows.append({"strategy": strategy, "processes": procs, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            ok = False
+            continue
+        losses = found[0]
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+        passed = len(losses) == len(ref) and rel <= 1e-3
+        ok &= passed
+        rows.append({"strategy": strategy, "processes": procs, "first_loss": round(losses[0], 4),
+                     "last_loss": round(losses[-1], 4), "max_rel_vs_1_cpu_process": f"{rel:.1e}",
+                     "seconds": round(time.perf_counter() - t0, 1), "pass": passed})
+    return rows, ok
+
+
 def table(rows: list[dict]) -> str:
     cols: list[str] = []
     for r in rows:
@@ -305,7 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=240.0,
                    help="seconds after which remaining speed rows are skipped (default 240: ends within 5 minutes)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_check.json (default: $OUT)")
+    p.add_argument("--dist", type=int, default=None,
+                   help="processes for the DDP/FSDP check (default: 2 when more than one GPU is visible, else none; "
+                        "with --device cpu it runs on gloo)")
+    p.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)  # one rank of the check (torchrun)
+    p.add_argument("--dist-steps", type=int, default=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.dist_worker:
+        dist_worker(args.dist_worker, args.device, args.dist_steps)
+        return 0
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda})")
@@ -331,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         print("## (c) fine-tuning loop", flush=True)
         train_rows, train_ok = training_check(args.device)
         ok = ok and train_ok
+    dist_rows: list[dict] = []
+    procs = args.dist if args.dist is not None else (
+        2 if args.device.startswith("cuda") and torch.cuda.device_count() > 1 else 0)
+    if procs > 1 and not args.skip_train:
+        print(f"## (d) DDP and FSDP on {procs} processes", flush=True)
+        dist_rows, dist_ok = distributed_check("cuda" if args.device.startswith("cuda") else "cpu", procs)
+        ok = ok and dist_ok
     elapsed = time.perf_counter() - t0
     print("\n### Parity (reference: CPU float32 eager)\n")
     print(table(parity_rows))
@@ -341,8 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     if train_rows:
         print("\n### Fine-tuning loop (tiny random model, full, 6 steps; reference: CPU fp32 losses)\n")
         print(table(train_rows))
+    if dist_rows:
+        print(f"\n### DDP and FSDP2 on {procs} processes (tiny random model, full fp32, 6 steps, global batch 4; "
+              "reference: 1 CPU process)\n")
+        print(table(dist_rows))
     print(f"\nparity: {'PASS' if ok else 'FAIL'}; total {elapsed:.0f}s")
     result = {"info": info, "parity": parity_rows, "parity_ok": ok, "speed": speed_rows, "train": train_rows,
+              "distributed": dist_rows,
               "seconds": round(elapsed, 1)}
     if args.out:
         out = Path(args.out)

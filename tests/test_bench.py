@@ -86,6 +86,19 @@ def test_gpu_check_cpu_mode_runs(tmp_path):
     assert [r["precision"] for r in result["train"]] == ["fp32"] and result["train"][0]["pass"]
 
 
+@pytest.mark.slow
+def test_gpu_check_distributed_part_runs_on_cpu(tmp_path):
+    """(d) of the GPU check, DDP and FSDP under torchrun, run on gloo: losses equal one process's."""
+    env = dict(os.environ, OUT=str(tmp_path), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--skip-speed", "--dist", "2", "--mode", "default"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["distributed"]
+    assert [r["strategy"] for r in rows] == ["ddp", "fsdp"] and all(r["pass"] for r in rows), rows
+    assert all(float(r["max_rel_vs_1_cpu_process"]) < 1e-4 for r in rows), rows
+
+
 def test_bench_load_small_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_load.py"), "--small", "--imports", "2"],
                           capture_output=True, text=True, timeout=600)
