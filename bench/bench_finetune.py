@@ -129,6 +129,24 @@ def make_trainer(model, data: list[dict], collate: Callable[[list[dict]], dict],
     return InOrder(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()]), stamps
 
 
+def right_pad(batch: list[dict], columns: dict[str, tuple[str, int]], *, mask: bool = False) -> dict:
+    """Long tensors (B, longest row) for the Trainer: output name -> (the row's key, padding value); with
+    mask, an attention_mask of 1 on each row's tokens."""
+    import torch
+
+    T = max(len(r["input_ids"]) for r in batch)
+    out = {name: torch.full((len(batch), T), fill, dtype=torch.long) for name, (_, fill) in columns.items()}
+    if mask:
+        out["attention_mask"] = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, r in enumerate(batch):
+        n = len(r["input_ids"])
+        for name, (key, _) in columns.items():
+            out[name][b, :n] = torch.tensor(r[key])
+        if mask:
+            out["attention_mask"][b, :n] = 1
+    return out
+
+
 def worker_hf(mode: str, model_dir: Path, rows: list[list[int]], a: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -144,16 +162,8 @@ def worker_hf(mode: str, model_dir: Path, rows: list[list[int]], a: argparse.Nam
     data = [{"input_ids": r} for r in rows[: n_steps * a.batch_size]]
     tokens = [sum(len(r["input_ids"]) for r in data[i * a.batch_size : (i + 1) * a.batch_size]) for i in range(n_steps)]
 
-    def collate(batch):
-        T = max(len(r["input_ids"]) for r in batch)
-        ids = torch.zeros((len(batch), T), dtype=torch.long)
-        labels = torch.full((len(batch), T), -100)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[b, :n] = labels[b, :n] = torch.tensor(r["input_ids"])
-            mask[b, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def collate(batch):  # labels = the inputs (the Trainer's model shifts them); padding masked
+        return right_pad(batch, {"input_ids": ("input_ids", 0), "labels": ("input_ids", -100)}, mask=True)
 
     trainer, stamps = make_trainer(model, data, collate, batch_size=a.batch_size, n_steps=n_steps,
                                    bf16=prec == "bf16", output_dir=a.work / f"hf-out-{mode}")
@@ -391,17 +401,11 @@ def accelerate_worker(a: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
     model.config.use_cache = False  # no KV cache in training; with one, transformers ignores the packed positions
 
-    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-padded input_ids, labels and position_ids; no attention mask, so that transformers derives
-        one causal mask per packed example from where the positions restart."""
-        T = max(len(r["input_ids"]) for r in batch)
-        ids = torch.zeros((len(batch), T), dtype=torch.long)
-        labels = torch.full((len(batch), T), -100)
-        pos = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[b, :n], labels[b, :n], pos[b, :n] = (torch.tensor(r[k]) for k in ("input_ids", "labels", "positions"))
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    def collate(batch: list[dict]) -> dict:
+        """No attention mask, so that transformers derives one causal mask per packed example from where the
+        positions restart."""
+        return right_pad(batch, {"input_ids": ("input_ids", 0), "labels": ("labels", -100),
+                                 "position_ids": ("positions", 0)})
 
     trainer, stamps = make_trainer(model, rows, collate, batch_size=a.batch_size // procs, n_steps=n_steps,
                                    bf16=False, output_dir=a.work / f"dist-out-{a.dist_worker}")
