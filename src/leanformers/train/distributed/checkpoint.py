@@ -74,7 +74,7 @@ def save_sharded(group: Group, output_dir: Path, step: int, *, model: nn.Module,
         tmp.mkdir(parents=True)
     group.barrier(f"starting {final.name}")
     with group.collective(f"writing {final.name}"):
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp), process_group=group.control_group)
     torch.save(_rng_state(group), tmp / f"rng-{group.rank}.pt")
     if adapter_writer is not None:
         adapter_writer(tmp)  # gathers the LoRA weights (a collective); rank 0 writes
@@ -113,7 +113,7 @@ def load_sharded(group: Group, ckpt: Path, *, model: nn.Module, optimizer: torch
     sd = _state_dicts(model, optimizer)
     try:
         with group.collective(f"reading {ckpt}"):
-            dcp.load(sd, checkpoint_id=str(ckpt))
+            dcp.load(sd, checkpoint_id=str(ckpt), process_group=group.control_group)
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{ckpt}: cannot restore the sharded weights and optimizer ({first})") from None

@@ -66,7 +66,7 @@ class Group:
     run_id: str | None
     launched: bool  # False: a world of one in this process (resuming a sharded checkpoint without torchrun)
     _owned: bool = False
-    _ctrl: Any = None  # gloo group for objects
+    _ctrl: Any = None  # our gloo group for objects, barriers and CPU sums (see `control_group`)
     _log_level: int | None = None
 
     @property
@@ -103,7 +103,7 @@ class Group:
             owned = True
         else:  # the caller made the group (leanformers.finetune() called from the user's torchrun script)
             rank, world = dist.get_rank(), dist.get_world_size()
-        ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+        ctrl = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         group = cls(rank, world, local_rank, local_world, device, backend, float(args.dist_timeout),
                     int(env.get("TORCHELASTIC_RESTART_COUNT", 0) or 0), int(env.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0),
                     env.get("TORCHELASTIC_RUN_ID"), is_launched, owned, ctrl)
@@ -118,9 +118,32 @@ class Group:
         if self._log_level is not None:
             logging.getLogger("leanformers").setLevel(self._log_level)
             self._log_level = None
-        if self._owned and dist.is_initialized() and not (failed and self.backend == "nccl"):
-            dist.destroy_process_group()
-        self._owned = False
+        try:
+            if not failed and self.world_size > 1 and self.backend == "gloo" and dist.is_initialized():
+                # a last collective on the default group while this thread waits without the GIL: its worker
+                # threads (which outlive the run, see `control_group`) finish releasing FSDP's last tensors now
+                with self.collective("finishing the run"):
+                    dist.barrier()
+        finally:
+            ctrl, self._ctrl = self._ctrl, None
+            if self._owned and dist.is_initialized() and not (failed and self.backend == "nccl"):
+                del ctrl  # our last reference: destroying the groups joins its worker threads
+                dist.destroy_process_group()
+            elif ctrl is not None and dist.is_initialized() and not failed:
+                dist.destroy_process_group(ctrl)  # the caller's group stays; ours goes
+            self._owned = False
+
+    @property
+    def control_group(self) -> Any:
+        """The gloo group that carries every collective of ours with tensors made in Python (objects,
+        barriers, CPU sums, checkpoint planning); DDP and FSDP use the default group.
+
+        DDP's reducer and FSDP's device mesh keep the default group alive after `destroy_process_group()`
+        (torch 2.13), so its gloo worker threads outlive the run. A worker still releasing the tensors of a
+        collective when the interpreter finalizes takes the GIL and aborts the process ("terminate called
+        without an active exception"; 1 run in 30 under load when the run's last collective was on the
+        default group). This group is ours alone: `close()` drops it and its threads are joined."""
+        return self._ctrl
 
     # ------------------------------------------------------------------------------ collectives
     @contextlib.contextmanager
@@ -154,7 +177,7 @@ class Group:
         """Sum `tensor` over the ranks in place (on the run's device)."""
         if self.world_size > 1:
             with self.collective(what):
-                dist.all_reduce(tensor)
+                dist.all_reduce(tensor, group=self._ctrl if tensor.device.type == "cpu" else None)
         return tensor
 
     def barrier(self, what: str) -> None:
