@@ -18,7 +18,7 @@ import leanformers
 from finetune_utils import metrics, write_mixed_data, write_text_data
 from leanformers.cli import main
 from leanformers.train import DataError, TrainingError
-from leanformers.train.data import IGNORE, build_dataset, collate, make_rows, read_records, tokenize_records
+from leanformers.train.data import IGNORE, Example, build_dataset, collate, make_rows, read_records, tokenize_records
 from leanformers.train.lora import apply_lora, lora_modules
 from leanformers.train.loss import causal_lm_loss
 
@@ -103,6 +103,28 @@ def test_packing_isolates_examples(tiny_lm, tmp_path):
         nu = sum(causal_lm_loss(tiny_lm.model, collate([r], 0))[1] for r in unpacked)
     assert np_ == nu
     assert abs(float(lp) - float(lu)) <= 1e-5 * abs(float(lu))
+
+
+def test_packing_fills_rows_best_fit_decreasing():
+    """Examples of lengths spread evenly up to seq_len fill packed rows to within a few percent (next fit,
+    in order, left them about 75% full); each example lands whole in one row, once; seeded, deterministic."""
+    import random
+
+    rng = random.Random(0)
+    exs = [Example(list(range(1, n + 1)), list(range(1, n + 1))) for n in (rng.randint(8, 64) for _ in range(400))]
+    rows = make_rows(exs, seq_len=64, packing=True, seed=3)
+    fill = sum(len(e.input_ids) for e in exs) / (64 * len(rows))
+    assert fill >= 0.95, fill
+    assert max(len(r.input_ids) for r in rows) <= 64
+    pieces = sorted(len(r.input_ids[i:i + r.segments.count(s)]) for r in rows
+                    for s, i in ((s, r.segments.index(s)) for s in set(r.segments)))
+    assert pieces == sorted(len(e.input_ids) for e in exs)  # whole examples, each once
+    for r in rows:  # positions restart at each example, labels never cross into the next one
+        for s in set(r.segments):
+            i, n = r.segments.index(s), r.segments.count(s)
+            assert r.positions[i:i + n] == list(range(n)) and r.labels[i] == IGNORE
+    again = make_rows(exs, seq_len=64, packing=True, seed=3)
+    assert [r.input_ids for r in again] == [r.input_ids for r in rows]
 
 
 def test_order_is_deterministic_and_ranks_are_disjoint(tiny_lm, tmp_path):
@@ -219,14 +241,16 @@ def test_gradient_checkpointing_same_gradients_less_memory(tiny_models, tmp_path
     for k in grads[0]:
         assert (grads[0][k] - grads[1][k]).abs().max() <= 1e-6, k
     # peak memory of one training step, measured in fresh processes (16 layers, 8 x 512 tokens; with 8 the
-    # layer-independent part (embeddings, loss chunks) kept the ratio at 0.66-0.73)
+    # layer-independent part (embeddings, loss chunks) kept the ratio at 0.66-0.73). Since RMSNorm and the
+    # SwiGLU product keep less for backward (models/ops.py) the run without checkpointing is leaner too:
+    # 2019 vs 1473 MiB (0.73) where it was 0.6-0.65
     script = tmp_path / "peak.py"
     script.write_text(_PEAK)
     src = str(Path(leanformers.__file__).parents[1])
     peaks = [float(subprocess.run([sys.executable, str(script), src, flag], capture_output=True, text=True,
                                   check=True, timeout=600).stdout.split()[-1]) for flag in ("0", "1")]
     print(f"\npeak RSS growth of one step: {peaks[0]:.0f} MiB without, {peaks[1]:.0f} MiB with gradient checkpointing")
-    assert peaks[1] < 0.7 * peaks[0]
+    assert peaks[1] < 0.8 * peaks[0]
 
 
 # ------------------------------------------------------------------------------------------ QLoRA

@@ -99,3 +99,59 @@ def test_compiled_attention_of_several_queries_is_causal_and_per_query(dtype):
         alone = torch.compile(decode_attention, fullgraph=True, dynamic=False)(
             q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n], torch.ones(1, 1, 1, n, dtype=torch.bool))
         torch.testing.assert_close(got[:, :, i:i + 1].float(), alone.float(), atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------ training memory
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `fn()` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's weight, Gemma's 1 + weight
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_training_path_equals_eager_and_keeps_only_its_input(offset, dtype):
+    from leanformers.models.ops import RMSNorm, _rms_norm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6, offset)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 96).to(dtype).requires_grad_(True)
+    g = torch.randn(3, 5, 96).to(dtype)
+    y = norm(x)
+    ref = _rms_norm(x, norm.weight, 1e-6, offset)  # the eager ops, through autograd
+    assert torch.equal(y, ref)
+    got = torch.autograd.grad(y, (x, norm.weight), g.to(y.dtype))
+    want = torch.autograd.grad(ref, (x, norm.weight), g.to(ref.dtype))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: the eager ops round between steps
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+    # the training path keeps x (and the weight); the eager ops also keep x / rms(x), as large as x
+    lean = _saved_bytes(lambda: norm(x))
+    eager = _saved_bytes(lambda: _rms_norm(x, norm.weight, 1e-6, offset))
+    assert lean <= x.numel() * x.element_size() + norm.weight.numel() * 4 < eager
+
+
+def test_silu_mul_training_path_is_the_eager_ops_bit_for_bit_and_keeps_less():
+    from leanformers.models.ops import silu_mul
+
+    torch.manual_seed(0)
+    gate, up = (torch.randn(4, 7, 128, requires_grad=True) for _ in range(2))
+    g = torch.randn(4, 7, 128)
+    y, ref = silu_mul(gate, up), F.silu(gate) * up
+    assert torch.equal(y, ref)
+    for a, b in zip(torch.autograd.grad(y, (gate, up), g), torch.autograd.grad(ref, (gate, up), g)):
+        assert torch.equal(a, b)
+    lean, eager = _saved_bytes(lambda: silu_mul(gate, up)), _saved_bytes(lambda: F.silu(gate) * up)
+    assert lean == 2 * gate.numel() * 4 and eager == 3 * gate.numel() * 4
+    with torch.no_grad():  # inference: the plain ops, nothing kept
+        assert torch.equal(silu_mul(gate, up), ref)

@@ -18,7 +18,6 @@ import re
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.gguf_meta import GGUFMetadata
@@ -26,7 +25,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
-from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
+from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise, silu_mul
 
 
 class Attention(nn.Module):
@@ -90,7 +89,7 @@ class MLP(nn.Module):
             gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
-        return linear(self.down_proj, F.silu(gate) * up)
+        return linear(self.down_proj, silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 8  # more rows than this (big batches, prefill) keep the matmul kernels
@@ -110,12 +111,89 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (x * (self.offset + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)
+        if _saves_for_training(x, self.weight):
+            return _RMSNorm.apply(x, self.weight, self.eps, self.offset)
+        return _rms_norm(x, self.weight, self.eps, self.offset)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x * (offset + weight.float())).to(dtype)
+    return weight * x.to(dtype)
+
+
+def _saves_for_training(*xs: torch.Tensor) -> bool:
+    """True when autograd records this op (training) outside a compiled graph: the memory-lean functions
+    below apply. Inference and compiled graphs (Inductor fuses and frees on its own) keep the plain ops."""
+    return (torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+            and not torch.compiler.is_compiling())
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm that keeps only its input for backward (and recomputes the per-row rms).
+
+    Autograd through the eager ops also keeps x / rms(x) in float32 (and its copy in the activation dtype),
+    each as large as the input: with two norms per layer that is about a fifth of a Llama layer's saved
+    activations in fp32 training. The forward values are those of the eager ops; gradients equal theirs to
+    float32 rounding: d_x = r * (d_xn - xn * mean(d_xn * xn)), with xn = x * r, r = rsqrt(mean(x^2) + eps).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.offset = eps, offset
+        return _rms_norm(x, weight, eps, offset)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        xn = xf * r
+        if ctx.offset:
+            d_xn = g.float() * (ctx.offset + weight.float())
+            d_w = (g.float() * xn) if ctx.needs_input_grad[1] else None
+        else:
+            d_xn = (g * weight).float()
+            d_w = (g * xn.to(x.dtype)) if ctx.needs_input_grad[1] else None
+        if d_w is not None:
+            d_w = d_w.reshape(-1, d_w.shape[-1]).sum(0).to(weight.dtype)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = (r * (d_xn - xn * (d_xn * xn).mean(-1, keepdim=True))).to(x.dtype)
+        return d_x, d_w, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up for backward; autograd through the two eager ops also keeps
+    silu(gate), as wide as the MLP (a sixth of a Llama layer's saved activations in fp32 training). The
+    backward is the eager ops' own (mul's, then aten.silu_backward), so values and gradients are the same
+    bit for bit; silu(gate) is recomputed once."""
+
+    @staticmethod
+    def forward(ctx, gate, up):  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        d_gate = d_up = None
+        if ctx.needs_input_grad[1]:
+            d_up = g * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            d_gate = torch.ops.aten.silu_backward(g * up, gate)
+        return d_gate, d_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the SwiGLU product of Llama-style MLPs (memory-lean under training, see _SiluMul)."""
+    if _saves_for_training(gate, up) and gate.dtype == up.dtype:
+        return _SiluMul.apply(gate, up)
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:

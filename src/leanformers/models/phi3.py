@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.gguf_meta import GGUFMetadata
@@ -29,7 +28,7 @@ from ..config import ModelConfig, check_float, short
 from ..errors import ConfigError, UnsupportedModelError
 from .base import DecoderModel
 from .cache import KVCache, KVLayout
-from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise
+from .ops import RMSNorm, apply_rope, attend, linear, realized, rope_cos_sin, rope_inv_freq, rowwise, silu_mul
 
 LONG_CONTEXT_ROPE = ("longrope", "su", "yarn")
 
@@ -102,7 +101,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
-        return linear(self.down_proj, up * F.silu(gate))
+        return linear(self.down_proj, silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
