@@ -37,6 +37,29 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+class _FrozenQuantized(torch.autograd.Function):
+    """y = module(x) through the quantized kernel; dx = dy @ W with W dequantized only inside backward.
+
+    The weights are frozen (no weight gradient), but gradients must pass through to what comes before: a
+    quantized lm_head or an un-adapted layer in QLoRA training. The int8/int4 kernels have no derivative,
+    and the int8 layer picks its kernel by row count, so without this a backward failed or not depending on
+    the number of rows (fewer than 16 in a loss chunk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return module(x)  # grad mode is off in here: the module's own path
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w = ctx.module.dequantize_weight(grad.dtype)
+        return (grad @ w).to(ctx.x_dtype), None
+
+
+def _needs_input_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+
+
 class Int8Linear(nn.Module):
     """y = x @ (weight * weight_scale[:, None]).T + bias, weight int8 (N, K), weight_scale (N,).
 
@@ -73,6 +96,8 @@ class Int8Linear(nn.Module):
         return (self.weight.to(dtype) * self.weight_scale.to(dtype).unsqueeze(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_input_grad(x):
+            return _FrozenQuantized.apply(x, self)
         if x.device.type != self._device_type:
             self._device_type = x.device.type
             self._backend = int8_backend(x.device, self.dtype)[0]
@@ -223,6 +248,8 @@ class Int4Linear(nn.Module):
         return torch.addcmul(sz[..., 1].T.unsqueeze(-1), codes - 8, sz[..., 0].T.unsqueeze(-1)).reshape(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _needs_input_grad(x):
+            return _FrozenQuantized.apply(x, self)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.dtype:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LeanformersError
+from .allocator import memory_first
 from .args import FinetuneArgs
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .data import Dataset
@@ -126,6 +127,11 @@ class TrainLoop:
         bar = self._bar()
         old_handler = self._install_sigint()
         loss = eval_loss = scores = None
+        memory = memory_first("memory first (--method qlora or --grad-checkpointing, on CPU)",
+                              self.precision.device.type == "cpu" and (
+                                  getattr(self.args, "method", None) == "qlora"
+                                  or bool(getattr(self.model, "gradient_checkpointing", False))))
+        memory.__enter__()
         try:
             while self.step < self.total_steps:
                 row = self._train_step()
@@ -165,6 +171,7 @@ class TrainLoop:
                 tb.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+            memory.__exit__(None, None, None)
         return LoopResult(self.step, loss, eval_loss, self.tokens, checkpoint=self._last_ckpt, eval_metrics=scores)
 
     def _train_step(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidArgumentError
+from ..allocator import fix_mmap_threshold as _fix
 from .env import Group
 
 logger = logging.getLogger("leanformers.train.distributed")
@@ -182,35 +183,9 @@ def wrap(strategy: str, model: nn.Module, loss_fn: Callable, group: Group, preci
     return unit, lambda last: contextlib.nullcontext()
 
 
-MMAP_THRESHOLD = 64 * 1024  # bytes: CPU buffers from this size up are mmapped, and unmapped when freed
-
-
 def fix_mmap_threshold() -> bool:
-    """Make glibc's malloc return FSDP's per-step buffers to the OS when they are freed (CPU processes).
-
-    Each step FSDP all-gathers every block's weights and reduce-scatters its gradients: megabyte-sized
-    buffers allocated and freed per block. glibc's default threshold for serving a block with its own mmap
-    is dynamic: after the first such frees it rises to 32 MB, later buffers come from the heap, and the
-    fragmented heap grows step after step, until a rank's peak RSS is no lower than DDP's full replica
-    (bench/RESULTS.md, "Distributed fine-tuning"). A fixed threshold (which also ends the dynamic rule)
-    keeps FSDP's saving. Process-wide, so it is logged; an explicit MALLOC_MMAP_THRESHOLD_ in the
-    environment is the user's choice and is left alone. True if set here.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    M_MMAP_THRESHOLD = -3
-    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        return False
-    logger.info("fsdp on CPU: malloc's mmap threshold fixed at %d KiB so that the gathered weights and reduced "
-                "gradients go back to the OS each step (set MALLOC_MMAP_THRESHOLD_ to choose another)",
-                MMAP_THRESHOLD // 1024)
-    return True
+    """FSDP's per-step gathered weights and reduced gradients go back to the OS (see train/allocator.py)."""
+    return _fix("fsdp on CPU")
 
 
 def inner_model(wrapped: nn.Module) -> nn.Module:
