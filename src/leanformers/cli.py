@@ -411,12 +411,15 @@ def _add_finetune_parser(sub: Any) -> None:
     f.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
     f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
     f.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
-    f.add_argument("--packing", action="store_true", help="pack short examples into full rows")
+    f.add_argument("--packing", action="store_true",
+                   help="pack examples into rows of --seq-len (best fit; no attention across examples)")
     f.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="refuse examples longer than --seq-len instead of truncating them")
     f.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"], default="auto",
                    help="default: bf16-mixed on a GPU with bf16 and for qlora, else fp32")
-    f.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    f.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, slower); on CPU this and --method qlora "
+                        "also make freed memory go back to the OS during the run (MALLOC_MMAP_THRESHOLD_ overrides)")
     f.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
     f.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
     f.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
