@@ -221,6 +221,34 @@ def test_no_recompiles_across_steps_and_requests(tiny_models, cache_dir):
     assert len(fn.graphs) == 1 and not fn.eager
 
 
+def test_many_compiled_steps_in_one_process_stay_compiled(tiny_models):
+    """Each signature's torch.compile function has its own code object: Dynamo's recompile limit (8 per code
+    object) is not shared by every step and model of the process (the 9th graph fell back to eager: a test
+    order with many compiled families hit it). Steps built under different thread counts (a global state
+    that Dynamo guards on) each need a graph of their own."""
+    import copy
+
+    import torch._dynamo
+
+    lm = leanformers.load(str(tiny_models["llama3"]), dtype="float32", progress=False)
+    threads = torch.get_num_threads()
+    steps = []
+    try:
+        with torch.inference_mode():
+            for n in range(1, torch._dynamo.config.recompile_limit + 3):
+                torch.set_num_threads(n)
+                model = copy.deepcopy(lm.model)
+                fn = compile_decode(model, backend="eager", precompile=False, cache_bucket=64, warmup=False)
+                cache = model.make_cache(1, 64)
+                model(torch.tensor([[1, 2, 3]]), cache=cache, positions=torch.arange(3))
+                fn(torch.tensor([[4]]), torch.tensor([[3]]), cache)
+                steps.append(fn)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(not fn.eager and fn.calls["compiled"] == 1 for fn in steps), [fn.eager for fn in steps]
+    assert all([i["how"] for i in fn.info.values()] == ["jit"] for fn in steps)
+
+
 def _failing_backend(gm, example_inputs):
     raise RuntimeError("backend exploded on purpose")
 

@@ -197,6 +197,77 @@ def test_load_gguf_int4_uses_exact_blocks(tiny_models, tmp_path):
     assert (a - b).abs().max() <= 0.02 * b.abs().max()  # only lm_head/embedding int8 differ
 
 
+# ------------------------------------------------------------------------------ memory: by rows, never whole
+@pytest.mark.parametrize("fn", ["int8", "int4"])
+def test_quantization_by_row_chunks_equals_whole(fn, monkeypatch):
+    import leanformers.quantize.kernels as kernels
+
+    w = _rand(200, 64, seed=3)
+    w[7] = 0.0  # a zero row (scale 1, codes 8 / 0)
+    quant = (lambda t: kernels.quantize_int8_per_channel(t)) if fn == "int8" else \
+        (lambda t: kernels.quantize_int4_groupwise(t, 32))
+    whole = quant(w)
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 64 * 7)  # 7 rows at a time, a ragged last chunk
+    for a, b in zip(quant(w), whole):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_1", "F16", "F32"])
+def test_gguf_rows_read_alone_equal_the_whole_tensor(qtype, monkeypatch):
+    import leanformers.quantize.kernels as kernels
+
+    t = _gguf_tensor(qtype, rows=50, cols=64)
+    if t.raw.ndim == 1 or qtype in ("F16", "F32"):  # the loader keeps float types flat
+        t.raw = t.raw.reshape(-1).view(np.uint8)
+    whole = t.dequantize(torch.float32)
+    assert torch.equal(t.float_rows(10, 23), whole[10:23])
+    assert torch.equal(t.float_rows(45, 99), whole[45:])
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 64 * 6)
+    for a, b in zip(kernels.quantize_int8_per_channel(t), kernels.quantize_int8_per_channel(whole)):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="permuted"):
+        _gguf_tensor(qtype, rows=48, cols=64, heads=3).float_rows(0, 4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_load_gguf_quantized_never_holds_the_float_model(scheme, tiny_models, tmp_path, monkeypatch):
+    """load(gguf, quantize=...) reads each quantized weight by row chunks as it quantizes it: the same model
+    as loading in float32 and quantizing after, without the float32 model ever existing whole."""
+    from gguf import GGMLQuantizationType
+
+    import leanformers.quantize.kernels as kernels
+    from gguf_utils import write_gguf_from_hf_dir
+    from leanformers.checkpoint.gguf import GGUFTensor as T
+
+    path = write_gguf_from_hf_dir(tiny_models["llama3"], tmp_path / "q8.gguf", qtype=GGMLQuantizationType.Q8_0)
+    after = leanformers.load(str(path), dtype="float32", progress=False).quantize(scheme)
+    largest: list[int] = []
+    real = T.dequantize
+
+    def spy(self, dtype=torch.float32):
+        out = real(self, dtype)
+        if not self.permute_heads:  # q/k rows permuted by llama.cpp are read whole, one matrix at a time
+            largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(T, "dequantize", spy)
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 512)
+    lm = leanformers.load(str(path), quantize=scheme, progress=False)
+    embed = lm.model.get_submodule(lm.model.input_embedding)
+    assert isinstance(embed, Int8Embedding)
+    floats = sum(p.numel() for n, p in lm.model.named_parameters() if p.is_floating_point())
+    # every other dequantization was a chunk of rows or a small float tensor (norms): no whole matrix
+    assert max(largest) <= max(512, embed.embedding_dim) and max(largest) < embed.weight.numel()
+    assert floats < embed.weight.numel()
+    sd_a, sd_b = after.model.state_dict(), lm.model.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    ids = torch.tensor([[1, 5, 9, 40, 77, 200, 3]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids), after.model(ids))
+
+
 # ------------------------------------------------------------------------------ whole models
 def _dequantized_reference(path, q_lm):
     """The float32 model with every quantized weight replaced by what its quantized module multiplies with

@@ -15,6 +15,7 @@ from .errors import InvalidArgumentError
 from .generation.config import DRAFT_NAMES, FALLBACK, GenerationConfig
 from .generation.decode import DecodeStep
 from .generation.run import GenerationResult, GenerationRun
+from .heap import release_free_heap
 from .hub import ResolvedModel, resolve
 from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
 from .models.base import DecoderModel
@@ -187,6 +188,8 @@ class LanguageModel:
                        dtype=parse_dtype(dtype))
         if uses_huge_pages(self.model):  # repack: the pages of the replaced float weights are freed
             move_to_huge_pages(self.model)
+        if self.model.device.type == "cpu":
+            release_free_heap()
         if was_compiled:
             logger.warning("leanformers: the model was quantized (%s) after compiling: the compiled decode step "
                            "is dropped; compile again", scheme)
@@ -328,20 +331,22 @@ def load(
         tokenizer = load_tokenizer_from_dir(resolved.path)
         generation_config = read_generation_config(resolved.path)
     dtype_ = wanted or default_dtype(None if gguf is not None else config.torch_dtype, dev)
-    exact: dict[str, Any] = {}
+    deferred: dict[str, Any] = {}
     if quantize is not None:
         # quantize from the checkpoint's own precision; quantize_model then picks the activation dtype
         dtype_ = torch.float32 if gguf is not None else DTYPE_NAMES.get(
             str(config.torch_dtype or "float32").removeprefix("torch."), torch.float32)
-        if quantize == "int4" and gguf is not None:
-            exact = _exact_int4(config, tensors, group_size)
+        if gguf is not None:
+            deferred = _deferred_gguf(config, tensors, quantize, group_size)
     model = build_model(config, tensors, dtype=dtype_, device=dev, source=str(resolved.path), progress=progress,
-                        placeholders=exact.keys())
+                        placeholders=deferred.keys())
     lm = LanguageModel(model, tokenizer, config, source=resolved, files=files, generation_config=generation_config)
     if quantize is not None:
         from .quantize import quantize_model
 
-        quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=exact)
+        quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=deferred)
+        if dev.type == "cpu":
+            release_free_heap()
     if adapter is not None:  # LoRA on top of the (possibly quantized) base, before any compile
         from .train.lora import load_adapter
 
@@ -356,15 +361,14 @@ def load(
     return lm
 
 
-def _exact_int4(config: ModelConfig, tensors: Any, group_size: int) -> dict[str, Any]:
-    """The GGUF Q4_0/Q4_1 tensors that map exactly onto int4 modules (not read into float weights)."""
+def _deferred_gguf(config: ModelConfig, tensors: Any, scheme: str, group_size: int) -> dict[str, Any]:
+    """The GGUF tensors that quantize_model replaces, left unread by build_model and read one at a time
+    by quantize_model (the model is never whole in float32: a 7B Q4_K_M file would need 28 GB)."""
     from .models.registry import family_for
-    from .quantize import gguf_exact_int4_names
+    from .quantize import gguf_exact_int4_names, quantized_weight_names
 
     with torch.device("meta"):
         skeleton = family_for(config).build(config)
-    names = gguf_exact_int4_names(skeleton, tensors)
-    if names and group_size != 32:
+    if scheme == "int4" and group_size != 32 and gguf_exact_int4_names(skeleton, tensors):
         logger.info("GGUF Q4 weights map exactly onto int4 only with group_size 32; requantizing to %d", group_size)
-        return {}
-    return {n: tensors[n] for n in names}
+    return {n: tensors[n] for n in quantized_weight_names(skeleton, scheme) if n in tensors}

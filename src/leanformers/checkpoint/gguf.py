@@ -16,6 +16,7 @@ float weight fails with the tensor's name instead of loading a model that output
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,30 @@ class GGUFTensor:
         except (ValueError, IndexError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{self.source}: tensor {self.name!r} ({self.qtype}) is corrupt: {exc}") from None
         return t.to(dtype).contiguous()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def row_sliceable(self) -> bool:
+        """True when `float_rows` can read a range of rows alone (a 2-D tensor whose rows were not permuted)."""
+        return len(self.shape) == 2 and not self.permute_heads
+
+    def float_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop dequantized to float32 (HF layout), reading only their bytes: a large table is
+        quantized part by part without ever holding all of it in float32 (quantize/kernels.py)."""
+        if not self.row_sliceable:
+            raise CheckpointError(f"{self.name}: rows of a {len(self.shape)}-D or row-permuted tensor cannot be "
+                                  "read alone")
+        rows = self.shape[0]
+        start, stop = max(0, start), min(stop, rows)
+        if self.raw.ndim == 2:  # block types: one row of blocks per weight row
+            part = self.raw[start:stop]
+        else:  # F32/F16/BF16: flat bytes
+            per = self.raw.shape[0] // rows
+            part = self.raw[start * per: stop * per]
+        return dataclasses.replace(self, shape=(stop - start, self.shape[1]), raw=part).dequantize(torch.float32)
 
     def _check_finite(self, t: torch.Tensor, what: str) -> None:
         # A NaN or inf anywhere makes the sum non-finite; the sum is one fast reduction (torch.isfinite over

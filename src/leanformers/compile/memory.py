@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..heap import release_free_heap
+
 log = logging.getLogger("leanformers")
 
 HUGE_PAGE = 2 << 20
@@ -78,19 +80,7 @@ def _available_bytes() -> int | None:
     return None
 
 
-_malloc_trim = None
-
-
-def _trim() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps freed blocks under 32 MB in its heap)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+_trim = release_free_heap
 
 
 def _movable(module: nn.Module) -> list[torch.Tensor]:

@@ -42,6 +42,7 @@ import logging
 import os
 import sys
 import time
+import types
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -202,7 +203,7 @@ class CompiledDecode(DecodeStep):
         self.failure: str | None = None  # set when compilation is off altogether
         self.calls = {"compiled": 0, "eager": 0}  # how the step's calls ran (tests and stats read this)
         self._options: dict[str, Any] | None = None  # Inductor's options: set up by _prepare()
-        self._jit: dict[str, Callable[..., torch.Tensor]] = {}
+        self._jit: dict[tuple, Callable[..., torch.Tensor]] = {}  # signature -> its torch.compile'd function
         self._structure: dict[str, Any] | None = None
         self._version = model.structure_version
         self._pool = KVCachePool(model, static_addresses=self.device.type == "cuda")
@@ -358,8 +359,8 @@ class CompiledDecode(DecodeStep):
                 self._done(sig, fn, "compiled", t0)
                 return out
         self._prepare()
-        if kind not in self._jit:
-            self._jit[kind] = self._compiler(kind)
+        if sig not in self._jit:
+            self._jit[sig] = self._compiler(kind)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         if self.window:  # the window length is the step's one dynamic dimension
@@ -367,8 +368,8 @@ class CompiledDecode(DecodeStep):
             for t in win.k + win.v:
                 torch._dynamo.mark_dynamic(t, 2)
         with inductor.scoped_cache_dir(self.cache_dir):
-            out = self._jit[kind](*args)
-        self._done(sig, self._jit[kind], "jit", t0)
+            out = self._jit[sig](*args)
+        self._done(sig, self._jit[sig], "jit", t0)
         return out
 
     def _compiler(self, kind: str) -> Callable[..., torch.Tensor]:
@@ -380,6 +381,11 @@ class CompiledDecode(DecodeStep):
         def step(tokens, positions, cache):
             return forward(model, tokens, positions, cache)
 
+        # A code object of its own: Dynamo keeps compiled graphs, and counts recompilations against its
+        # limit (8), per code object. Shared by every step of every model in the process, the 9th graph
+        # fell back to eager, and the graphs of dropped models stayed alive in the shared cache.
+        step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                                  step.__closure__)
         return torch.compile(step, **kwargs)
 
     def _artifact_path(self, sig: tuple) -> Path:

@@ -13,6 +13,11 @@ switches the model's activations (norms, biases, embeddings, KV cache) to bfloat
 at INFO (on CUDA only int4 needs that); pass dtype=torch.float32 to keep float32 (then the int8/int4
 layers cast/dequantize their weights for dense float32 matmuls: accurate, not fast).
 
+Memory: weights are quantized a chunk of rows at a time (kernels._CHUNK_ELEMENTS), and `load(gguf,
+quantize=...)` leaves the weights to quantize unread (`quantized_weight_names`) and hands the file's tensors
+to quantize_model, which reads each by rows as it quantizes it: the float32 model never exists whole (a 7B
+Q4_K_M file would need 28 GB of float32), and freed memory is handed back to the OS after.
+
 Fused projections: call `model.fuse_projections()` BEFORE quantize_model (the fused linears are plain
 nn.Linear and get quantized like any other; fusing skips quantized layers). Quantize on the device the
 model will run on: an Int4Linear's packed weight is laid out for one device type's kernel.
@@ -42,7 +47,7 @@ from .modules import Int4Linear, Int8Embedding, Int8Linear
 
 __all__ = ["SCHEMES", "INT4_GROUP_SIZES", "Int4Linear", "Int8Embedding", "Int8Linear", "QUANTIZED_MODULES",
            "check_scheme", "dequantize_int4", "gguf_exact_int4_names", "int4_backend", "int8_backend",
-           "quantize_int4_groupwise", "quantize_int8_per_channel", "quantize_model"]
+           "quantize_int4_groupwise", "quantize_int8_per_channel", "quantize_model", "quantized_weight_names"]
 
 logger = logging.getLogger("leanformers.quantize")
 
@@ -88,8 +93,30 @@ def gguf_exact_int4_names(model: DecoderModel, tensors: Mapping[str, Any], *,
     linears = {f"{name}.weight" for name, _ in model.quantizable_linears()}
     if head == "int4" and model.output_head is not None and not model.tied_embeddings:
         linears.add(f"{model.output_head}.weight")
-    return {n for n in linears if getattr(tensors.get(n), "qtype", None) in ("Q4_0", "Q4_1")
-            and len(tensors[n].shape) == 2}
+    return {n for n in linears if _exact_q4(tensors.get(n))}
+
+
+def quantized_weight_names(model: DecoderModel, scheme: str, *, include_lm_head: bool | str = "int8") -> set[str]:
+    """The weights `quantize_model(model, scheme, include_lm_head=...)` replaces (no filter_fn).
+
+    A loader can leave exactly these unread (placeholders) and hand their file tensors to quantize_model,
+    which reads them one at a time: the model is never whole in float32. `model` may live on the meta device.
+    """
+    check_scheme(scheme)
+    head_scheme = _head_scheme(scheme, include_lm_head)
+    names = {f"{name}.weight" for name, mod in model.quantizable_linears() if type(mod) is nn.Linear}
+    if head_scheme is not None:
+        if model.output_head is not None and isinstance(model.get_submodule(model.output_head), nn.Linear):
+            names.add(f"{model.output_head}.weight")
+        if isinstance(model.get_submodule(model.input_embedding), nn.Embedding):
+            names.add(f"{model.input_embedding}.weight")
+    if model.tied_embeddings and model.output_head is not None:
+        names.discard(f"{model.output_head}.weight")  # the embedding's (one tensor in the file)
+    return names
+
+
+def _exact_q4(tensor: Any) -> bool:
+    return getattr(tensor, "qtype", None) in ("Q4_0", "Q4_1") and len(tensor.shape) == 2
 
 
 def quantize_model(
@@ -112,8 +139,10 @@ def quantize_model(
     dtype: activation dtype afterwards; None = automatic (bfloat16 on CPU, where the kernels are only fast
         in bfloat16; on CUDA bfloat16 only if int4 needs it), logged at INFO when it changes.
     filter_fn(name, module) -> bool: which of the model's quantizable linears to quantize; default all.
-    gguf_tensors: GGUF Q4_0/Q4_1 tensors (by HF weight name) for the exact int4 mapping; their modules may
-        hold placeholder weights (see loading.build_model(placeholders=...)).
+    gguf_tensors: GGUF tensors (by HF weight name) of weights to quantize whose modules hold placeholders
+        (loading.build_model(placeholders=...); quantized_weight_names says which): each is read here, a
+        range of rows at a time where it can be, so the model is never whole in float32. Q4_0/Q4_1 ones map
+        exactly onto int4 (group_size 32, no requantization).
     Any compiled decode step of the model goes stale (model.structure_version changes): compile again.
     """
     check_scheme(scheme, group_size)
@@ -163,22 +192,26 @@ def quantize_model(
     shared: Int8Embedding | None = None
     counts = {"int8": 0, "int4": 0, "int4 exact from GGUF": 0}
     with torch.no_grad():
+        def weight_of(wname: str, mod: nn.Module) -> Any:
+            """The module's weight, or for a placeholder the file's tensor (read by rows where it can be)."""
+            if wname not in gguf_tensors:
+                return mod.weight
+            t = gguf_tensors.pop(wname)
+            if device.type == "cpu" and getattr(t, "row_sliceable", False):
+                return t
+            return t.dequantize(torch.float32).to(device)
+
         if head_scheme is not None and isinstance(embed, nn.Embedding):
-            qe = Int8Embedding.from_float(embed.weight, dtype=target)
+            qe = Int8Embedding.from_float(weight_of(f"{embed_name}.weight", embed), dtype=target)
             if tied and head_scheme == "int8":
                 shared = qe
             elif tied:
                 logger.info("quantize: the output head is int4, so the tied embedding is stored separately (int8)")
             model.replace_module(embed_name, qe)
 
-        def weight_of(wname: str, mod: nn.Linear) -> torch.Tensor:
-            if wname in gguf_tensors:  # a placeholder in the module: dequantize the file's tensor
-                return gguf_tensors.pop(wname).dequantize(torch.float32).to(device)
-            return mod.weight
-
         for name, mod, sch in plan:
             wname = f"{name}.weight"
-            if sch == "int4" and wname in gguf_tensors and group_size == 32:
+            if sch == "int4" and _exact_q4(gguf_tensors.get(wname)) and group_size == 32:
                 new = Int4Linear.from_gguf(gguf_tensors.pop(wname), mod.bias, dtype=target, device=device)
                 counts["int4 exact from GGUF"] += 1
             elif name == head_name and shared is not None:
@@ -195,6 +228,8 @@ def quantize_model(
         for wname in list(gguf_tensors):
             mod = model.get_submodule(wname.rsplit(".", 1)[0])
             mod.weight = nn.Parameter(gguf_tensors.pop(wname).dequantize(torch.float32).to(device), requires_grad=False)
+            if tied and wname == f"{embed_name}.weight" and type(model.get_submodule(head_name)) is nn.Linear:
+                model.tie_weights()  # the float head shares the embedding's new weight, not the placeholder
         # the rest (norms, biases, float linears/embeddings) in the activation dtype
         seen: set[int] = set()
         for mod in model.modules():

@@ -26,6 +26,7 @@ logged at INFO.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -47,41 +48,74 @@ def check_int4_group(in_features: int, group_size: int) -> None:
         raise InvalidArgumentError(f"int4: in_features {in_features} is not a multiple of group_size {group_size}")
 
 # ------------------------------------------------------------------------------------ reference math
+# Rows quantized at a time: the float temporaries of one chunk stay near 16 MB, so quantizing a large
+# embedding (Gemma 3's 262,144 x 640 table) adds little more than its int8 result to the peak memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_step(row_len: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, row_len))
+
+
+def _float_rows(weight: Any, start: int, stop: int) -> torch.Tensor:
+    """float32 rows of a weight: a tensor, or a checkpoint tensor that reads a range of rows alone
+    (`float_rows(start, stop)`, e.g. checkpoint.gguf.GGUFTensor), so a file's table is never whole in float."""
+    if isinstance(weight, torch.Tensor):
+        return weight[start:stop].detach().float()
+    return weight.float_rows(start, stop)
+
+
 def quantize_int8_per_channel(
-    weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    weight: Any, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q int8 (N, K), scale (N,) in `dtype`); w ~= q * scale[:, None].
 
     The scale is rounded to `dtype` first and q computed against the rounded scale, so that
-    `q * scale` is exactly what the kernel multiplies with.
+    `q * scale` is exactly what the kernel multiplies with. `weight` is a 2-D tensor or a checkpoint tensor
+    with `float_rows` (see _float_rows). Rows are done in chunks (the result does not depend on the chunking:
+    every step is per row).
     """
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=-1)
-    scale = (amax / 127.0).to(dtype)
-    s = scale.float()
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / s.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    N, K = weight.shape
+    q = torch.empty((N, K), dtype=torch.int8, device=weight.device)
+    scale = torch.empty((N,), dtype=dtype, device=weight.device)
+    step = _row_step(K)
+    for i in range(0, N, step):
+        w = _float_rows(weight, i, i + step)
+        sc = (w.abs().amax(dim=-1) / 127.0).to(dtype)
+        s = sc.float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        scale[i:i + step] = torch.where(sc.float() > 0, sc, torch.ones_like(sc))
+        q[i:i + step] = torch.round(w / s.unsqueeze(-1)).clamp_(-127, 127)
     return q, scale
 
 
 def quantize_int4_groupwise(
-    weight: torch.Tensor, group_size: int = 32, dtype: torch.dtype = torch.bfloat16
+    weight: Any, group_size: int = 32, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 in the kernels' convention.
 
     Returns (codes uint8 (N, K) in 0..15, scale (N, K/g), zero (N, K/g)), scale/zero in `dtype`, with
     w ~= (codes - 8) * scale + zero per group. Codes are rounded against the already-rounded scale/zero.
+    `weight` as for quantize_int8_per_channel; rows are done in chunks (every step is per group, so the
+    result does not depend on the chunking).
     """
     N, K = weight.shape
-    w = weight.detach().float().reshape(N, K // group_size, group_size)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).to(dtype)
-    zero = (lo + 8.0 * scale.float()).to(dtype)
-    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    codes = torch.where(s > 0, torch.round((w - z) / safe) + 8.0, torch.full_like(w, 8.0))
-    codes = codes.clamp_(0, 15).to(torch.uint8).reshape(N, K)
+    G = K // group_size
+    codes = torch.empty((N, K), dtype=torch.uint8, device=weight.device)
+    scale = torch.empty((N, G), dtype=dtype, device=weight.device)
+    zero = torch.empty((N, G), dtype=dtype, device=weight.device)
+    step = _row_step(K)
+    for i in range(0, N, step):
+        w = _float_rows(weight, i, i + step)
+        w = w.reshape(w.shape[0], G, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        sc = ((hi - lo) / 15.0).to(dtype)
+        ze = (lo + 8.0 * sc.float()).to(dtype)
+        s, z = sc.float().unsqueeze(-1), ze.float().unsqueeze(-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        c = torch.where(s > 0, torch.round((w - z) / safe) + 8.0, torch.full_like(w, 8.0))
+        codes[i:i + step] = c.clamp_(0, 15).reshape(w.shape[0], K)
+        scale[i:i + step], zero[i:i + step] = sc, ze
     return codes, scale, zero
 
 
