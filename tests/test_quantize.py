@@ -160,12 +160,49 @@ def test_gguf_q4_maps_exactly_in_float32(qtype, heads, backend):
     assert torch.allclose(m(x), x @ exact.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("heads", [None, 2])
+@pytest.mark.parametrize("backend", ["cpu", "dequant"])
+def test_gguf_q4_k_maps_exactly_in_float32(heads, backend):
+    """Q4_K (llama.cpp's most used 4-bit type): codes, per-32 scales d*sc and mins -dmin*m read from the
+    super-blocks give every value the file encodes; the int4 layer multiplies with exactly those."""
+    from gguf import GGMLQuantizationType
+
+    from gguf_utils import kquant_blocks
+
+    raw, values = kquant_blocks(32, 512, GGMLQuantizationType.Q4_K, seed=5)  # dyadic: exact in float32
+    t = GGUFTensor("blk.0.attn_q.weight", "Q4_K", (32, 512), raw, heads)
+    exact = t.dequantize(torch.float32)
+    want = torch.from_numpy(values).float()
+    if heads:
+        from leanformers.checkpoint.gguf import _unpermute_rows
+
+        want = _unpermute_rows(want, heads)
+    assert torch.equal(exact, want)
+    codes, d, mins = t.q4_blocks()
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and d.shape == (32, 16)
+    regroup = (codes.float().reshape(32, 16, 32) * d.unsqueeze(-1) + mins.unsqueeze(-1)).reshape(32, 512)
+    assert torch.equal(regroup, exact)
+    m = Int4Linear.from_gguf(t, dtype=torch.float32, backend=backend)
+    assert torch.equal(m.dequantize_weight(), exact)
+    x = _rand(2, 512, seed=14, scale=1.0)
+    assert torch.allclose(m(x), x @ exact.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_q4_bfloat16_scales_error_bound(qtype):
-    t = _gguf_tensor(qtype)
+    if qtype == "Q4_K":
+        from gguf import GGMLQuantizationType
+
+        from gguf_utils import kquant_blocks
+
+        raw = kquant_blocks(48, 256, GGMLQuantizationType.Q4_K, seed=6, dyadic=False)[0]
+        t = GGUFTensor("blk.0.ffn_down.weight", "Q4_K", (48, 256), raw)
+    else:
+        t = _gguf_tensor(qtype)
+    rows, cols = t.shape
     codes, d, mins = t.q4_blocks()
     m = Int4Linear.from_gguf(t, dtype=torch.bfloat16)
-    err = (m.dequantize_weight() - t.dequantize(torch.float32)).abs().reshape(48, 4, 32).amax(-1)
+    err = (m.dequantize_weight() - t.dequantize(torch.float32)).abs().reshape(rows, cols // 32, 32).amax(-1)
     # bfloat16 keeps 8 significant bits: |dscale| <= 2^-8 |d|, |dzero| <= 2^-8 |m + 8d|, |q - 8| <= 8
     bound = (8 * d.abs() + (mins + 8 * d).abs()) * 2.0**-8 + 1e-7
     assert bool((err <= bound).all())

@@ -370,5 +370,5 @@ def _deferred_gguf(config: ModelConfig, tensors: Any, scheme: str, group_size: i
     with torch.device("meta"):
         skeleton = family_for(config).build(config)
     if scheme == "int4" and group_size != 32 and gguf_exact_int4_names(skeleton, tensors):
-        logger.info("GGUF Q4 weights map exactly onto int4 only with group_size 32; requantizing to %d", group_size)
+        logger.info("GGUF Q4_0/Q4_1/Q4_K weights map exactly onto int4 only with group_size 32; requantizing to %d", group_size)
     return {n: tensors[n] for n in quantized_weight_names(skeleton, scheme) if n in tensors}

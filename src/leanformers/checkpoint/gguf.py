@@ -5,8 +5,8 @@ against the file); tensors are memory-mapped and dequantized on demand (F32, F16
 Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K). What the metadata and tensor names mean is the family's
 (models/registry.py: `config_from_gguf`, `gguf_tensor_name`, `gguf_unpermute_heads`, `gguf_value_shift`);
 llama.cpp stores some architectures' q/k projections with rows permuted for its rotary layout, and some
-tensors shifted (Gemma's norm weights + 1); both are undone here. Q4_0/Q4_1
-blocks can also be handed out raw (`GGUFTensor.q4_blocks`) for the int4 kernels.
+tensors shifted (Gemma's norm weights + 1); both are undone here. Q4_0/Q4_1/Q4_K
+blocks can also be handed out as codes, scales and mins (`GGUFTensor.q4_blocks`) for the int4 kernels.
 
 Non-finite values: as a tensor is dequantized, what decides its finiteness is checked for NaN/inf: the
 float16 scales (and mins) of Q8_0/Q4_0/Q4_1 blocks (1/32 of the elements; the codes are small integers),
@@ -32,6 +32,7 @@ from .gguf_header import parse_header
 from .gguf_meta import GGUFMetadata
 
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes with a scale and a minimum per 32 values: exact on int4 kernels
 
 def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation: rows (head, half, pair) -> (head, pair, half)."""
@@ -100,30 +101,55 @@ class GGUFTensor:
                                   "(NaN or inf): the file is corrupt")
 
     def q4_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q4_0/Q4_1 as (codes uint8 (N, K) in 0..15, scales float32 (N, K/32), mins float32 (N, K/32)).
+        """Q4_0/Q4_1/Q4_K as (codes uint8 (N, K) in 0..15, scales float32 (N, K/32), mins float32 (N, K/32)).
 
-        value = code * scale + min, exactly (Q4_0: min = -8 * scale).
+        value = code * scale + min for every group of 32 (Q4_0: min = -8 * scale; Q4_K: each 32-value
+        sub-block of a 256-value super-block has scale d * sc and min -dmin * m, sc and m six bits).
         """
-        if self.qtype not in ("Q4_0", "Q4_1"):
-            raise CheckpointError(f"{self.name}: q4_blocks needs Q4_0/Q4_1, not {self.qtype}")
+        if self.qtype not in Q4_TYPES:
+            raise CheckpointError(f"{self.name}: q4_blocks needs {'/'.join(Q4_TYPES)}, not {self.qtype}")
         rows, cols = self.shape
-        blocks = _u8(self.raw).reshape(rows, cols // 32, -1)
-        if self.qtype == "Q4_0":
-            d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
-            m = -8.0 * d
-            qs = blocks[..., 2:]
+        if self.qtype == "Q4_K":
+            d, m, codes = _q4_k_groups(_u8(self.raw).reshape(rows, cols // 256, 144))
+            d, m, codes = d.reshape(rows, cols // 32), m.reshape(rows, cols // 32), codes.reshape(rows, cols)
         else:
+            blocks = _u8(self.raw).reshape(rows, cols // 32, -1)
             d = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
-            m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
-            qs = blocks[..., 4:]
+            if self.qtype == "Q4_0":
+                m = -8.0 * d
+                qs = blocks[..., 2:]
+            else:
+                m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+                qs = blocks[..., 4:]
+            codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
         self._check_finite(d, "scales")
         self._check_finite(m, "minimums")
-        codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)
         if self.permute_heads:
             codes = _unpermute_rows(codes, self.permute_heads)
             d = _unpermute_rows(d, self.permute_heads)
             m = _unpermute_rows(m, self.permute_heads)
         return codes.contiguous(), d.contiguous(), m.contiguous()
+
+
+
+def _q4_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks (..., 144 bytes) -> per-32 scales (..., 8), mins (..., 8), codes (..., 256).
+
+    Layout (llama.cpp's block_q4_K): d, dmin float16; 12 bytes holding 8 six-bit scales and 8 six-bit mins
+    (bytes 0-3: scales 0-3 in the low 6 bits, 4-7: mins 0-3 likewise, the top 2 bits of both hold bits 4-5
+    of scales/mins 4-7; bytes 8-11: their low nibbles, scale low, min high); then 128 bytes of codes: 32
+    bytes per 64 values, the low nibbles the first 32 (sub-block 2j), the high nibbles the next (2j + 1).
+    value = d * scale * code - dmin * min.
+    """
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()
+    sb = blocks[..., 4:16].to(torch.int32)
+    lo_sc, lo_m, nib = sb[..., 0:4], sb[..., 4:8], sb[..., 8:12]
+    sc = torch.cat([lo_sc & 63, (nib & 0xF) | ((lo_sc >> 6) << 4)], dim=-1)
+    mn = torch.cat([lo_m & 63, (nib >> 4) | ((lo_m >> 6) << 4)], dim=-1)
+    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(*blocks.shape[:-1], 256)
+    return d * sc.float(), -(dmin * mn.float()), codes
 
 
 def _u8(raw: np.ndarray) -> torch.Tensor:

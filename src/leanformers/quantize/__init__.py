@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..checkpoint.gguf import Q4_TYPES
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..models.base import DecoderModel
 from .kernels import (
@@ -85,7 +86,7 @@ def _auto_dtype(device: torch.device, current: torch.dtype, scheme: str) -> torc
 
 def gguf_exact_int4_names(model: DecoderModel, tensors: Mapping[str, Any], *,
                           include_lm_head: bool | str = "int8") -> set[str]:
-    """Weights of GGUF Q4_0/Q4_1 tensors that `quantize_model(..., "int4", group_size=32)` maps exactly.
+    """Weights of GGUF Q4_0/Q4_1/Q4_K tensors that `quantize_model(..., "int4", group_size=32)` maps exactly.
 
     `model` may live on the meta device: only its module names are read.
     """
@@ -116,7 +117,7 @@ def quantized_weight_names(model: DecoderModel, scheme: str, *, include_lm_head:
 
 
 def _exact_q4(tensor: Any) -> bool:
-    return getattr(tensor, "qtype", None) in ("Q4_0", "Q4_1") and len(tensor.shape) == 2
+    return getattr(tensor, "qtype", None) in Q4_TYPES and len(tensor.shape) == 2
 
 
 def quantize_model(
@@ -141,8 +142,8 @@ def quantize_model(
     filter_fn(name, module) -> bool: which of the model's quantizable linears to quantize; default all.
     gguf_tensors: GGUF tensors (by HF weight name) of weights to quantize whose modules hold placeholders
         (loading.build_model(placeholders=...); quantized_weight_names says which): each is read here, a
-        range of rows at a time where it can be, so the model is never whole in float32. Q4_0/Q4_1 ones map
-        exactly onto int4 (group_size 32, no requantization).
+        range of rows at a time where it can be, so the model is never whole in float32. Q4_0/Q4_1/Q4_K ones
+        map exactly onto int4 (group_size 32, no requantization).
     Any compiled decode step of the model goes stale (model.structure_version changes): compile again.
     """
     check_scheme(scheme, group_size)

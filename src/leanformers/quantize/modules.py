@@ -1,11 +1,13 @@
 """Weight-only quantized modules: Int8Linear, Int8Embedding, Int4Linear (the kernels: quantize/kernels.py).
 
-GGUF Q4_0 / Q4_1 blocks map onto Int4Linear without a dequantize->requantize round trip
-(`Int4Linear.from_gguf`):
+GGUF Q4_0 / Q4_1 / Q4_K blocks map onto Int4Linear without a dequantize->requantize round trip
+(`Int4Linear.from_gguf`), per group of 32 values:
     Q4_1: w = c * d + m   ->  q = c, scale = d, zero = m + 8 * d
     Q4_0: w = (c - 8) * d ->  q = c, scale = d, zero = 0
+    Q4_K: w = c * (d * sc) - dmin * mn (sc, mn: the sub-block's six-bit scale and min)
+                          ->  q = c, scale = d * sc, zero = 8 * d * sc - dmin * mn
 The codes are copied exactly; d and m are float16 in the file. With float32 scales the effective weights
-equal the exact dequantization bit for bit; with bfloat16 scales (the fast CPU path) d and m + 8d are
+equal the exact dequantization (bit for bit for Q4_0/Q4_1; Q4_K's zero may round once in float32); with bfloat16 scales (the fast CPU path) d and m + 8d are
 rounded to bfloat16, an error of at most 2^-8 * (8|d| + |m + 8d|) per element (bench/RESULTS.md gives the
 measured error on SmolLM2-135M).
 """
@@ -203,10 +205,10 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_gguf(cls, tensor: Any, bias: torch.Tensor | None = None, *, dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | str = "cpu", backend: str | None = None) -> "Int4Linear":
-        """Exact Q4_0/Q4_1 blocks (a GGUFTensor) -> Int4Linear, group 32, no requantization.
+        """Q4_0/Q4_1/Q4_K blocks (a GGUFTensor) -> Int4Linear, group 32, no requantization.
 
-        Q4_1 w = c*d + m and Q4_0 w = (c-8)*d both become q = c, scale = d, zero = m + 8d (m = -8d for
-        Q4_0, so zero = 0). Exact with float32 scales; with bfloat16 scales d and m + 8d are rounded
+        Every group of 32 is w = c*d + m (Q4_0: m = -8d; Q4_K: d = d*sc, m = -dmin*mn per sub-block), which
+        becomes q = c, scale = d, zero = m + 8d. Exact with float32 scales; with bfloat16 scales d and m + 8d are rounded
         to bfloat16 (see the module docstring for the measured error).
         """
         codes, d, m = tensor.q4_blocks()
