@@ -14,6 +14,21 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_is_restored():
+    """A test (or the library code it runs) that changes torch's thread count for good changes the tests after
+    it: compiled-step cache keys include the count (a test of the disk cache failed in another module order).
+    Restored here, and the test fails naming it."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test changed torch's thread count from {before} to {after} and did not restore it")
+
+
 TINY_VOCAB = 384
 # Weight init std of the tiny models. transformers' default (0.02) gives near-uniform attention and top-2
 # logit margins of ~0.03, where a rope base 50x wrong moved logits by only 3e-4; with 0.15 the largest

@@ -80,9 +80,13 @@ def torchrun(tmp: Path, nproc: int, model: Path, data: Path, out: Path, opts: di
 
 
 def single(model: Path, data: Path, out: Path, **opts):
-    """The same run in this process (no torchrun)."""
+    """The same run in this process (no torchrun), on 1 thread as each worker; the thread count is restored."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return leanformers.finetune(str(model), data=str(data), output_dir=str(out), **opts)
+    try:
+        return leanformers.finetune(str(model), data=str(data), output_dir=str(out), **opts)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def losses(out: Path) -> list[float]:

@@ -528,11 +528,18 @@ def topic_examples(n: int, rng: random.Random, phrases: dict[str, list[str]]) ->
     return out
 
 
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_minilm_learns_multi_label_topics(tmp_path):
+def test_minilm_learns_multi_label_topics(tmp_path, two_threads):
     """The bundled all-MiniLM-L6-v2 (a base encoder: a head is added) fine-tuned on 240 multi-label sentences
     labels held-out sentences (unseen phrases) with a micro-F1 well above chance."""
-    torch.set_num_threads(2)
     rng = random.Random(0)
     train_phr = {t: p[:7] for t, p in TOPICS.items()}
     test_phr = {t: p[7:] for t, p in TOPICS.items()}  # held-out phrases: the model must generalize
