@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -10,6 +11,17 @@ import torch
 
 WORDS = ("once upon a time there was a little model that wanted to generate text the quick brown fox jumps "
          "over the lazy dog hello world def add return").split()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_text_data(path: Path, n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 30) -> Path:

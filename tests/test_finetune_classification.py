@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import leanformers
-from finetune_utils import metrics, trainer_losses
+from finetune_utils import metrics, torch_threads, trainer_losses
 from leanformers.cli import main
 from leanformers.encoder import add_classification_head, load_encoder
 from leanformers.errors import InvalidArgumentError
@@ -530,10 +530,8 @@ def topic_examples(n: int, rng: random.Random, phrases: dict[str, list[str]]) ->
 
 @pytest.fixture
 def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.slow

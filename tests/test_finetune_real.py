@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import leanformers
+from finetune_utils import torch_threads
 
 FACTS = [
     ("What is the capital of Zorbania?", "The capital of Zorbania is Quintarell."),
@@ -19,10 +19,8 @@ FACTS = [
 @pytest.fixture
 def one_thread():
     """One thread: on a shared, oversubscribed CPU every 2-thread op waits for a second time slice (7x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.slow

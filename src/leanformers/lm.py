@@ -15,7 +15,6 @@ from .errors import InvalidArgumentError
 from .generation.config import DRAFT_NAMES, FALLBACK, GenerationConfig
 from .generation.decode import DecodeStep
 from .generation.run import GenerationResult, GenerationRun
-from .heap import release_free_heap
 from .hub import ResolvedModel, resolve
 from .loading import DTYPE_NAMES, build_model, default_dtype, parse_dtype, read_checkpoint, read_generation_config
 from .models.base import DecoderModel
@@ -188,8 +187,6 @@ class LanguageModel:
                        dtype=parse_dtype(dtype))
         if uses_huge_pages(self.model):  # repack: the pages of the replaced float weights are freed
             move_to_huge_pages(self.model)
-        if self.model.device.type == "cpu":
-            release_free_heap()
         if was_compiled:
             logger.warning("leanformers: the model was quantized (%s) after compiling: the compiled decode step "
                            "is dropped; compile again", scheme)
@@ -345,8 +342,6 @@ def load(
         from .quantize import quantize_model
 
         quantize_model(model, quantize, group_size=group_size, dtype=wanted, gguf_tensors=deferred)
-        if dev.type == "cpu":
-            release_free_heap()
     if adapter is not None:  # LoRA on top of the (possibly quantized) base, before any compile
         from .train.lora import load_adapter
 

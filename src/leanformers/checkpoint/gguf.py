@@ -62,6 +62,8 @@ class GGUFTensor:
                 t = _unpermute_rows(t, self.permute_heads)
             if self.shift:
                 t = t - self.shift
+        except CheckpointError:  # already names the file and the tensor
+            raise
         except (ValueError, IndexError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{self.source}: tensor {self.name!r} ({self.qtype}) is corrupt: {exc}") from None
         return t.to(dtype).contiguous()

@@ -20,7 +20,6 @@ once nothing else refers to it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import sys
@@ -78,9 +77,6 @@ def _available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-_trim = release_free_heap
 
 
 def _movable(module: nn.Module) -> list[torch.Tensor]:
@@ -163,8 +159,8 @@ def move_to_huge_pages(module: nn.Module) -> int:
                 t.set_(new, offset // t.element_size(), t.shape, t.stride())
             freed += end - start
             if freed >= _TRIM_EVERY:
-                _trim()
+                release_free_heap()
                 freed = 0
-    _trim()
+    release_free_heap()
     log.debug("moved %.1f MB of weights into transparent huge pages", total / 1e6)
     return total

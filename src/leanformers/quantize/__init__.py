@@ -33,6 +33,7 @@ from torch import nn
 
 from ..checkpoint.gguf import Q4_TYPES
 from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..heap import release_free_heap
 from ..models.base import DecoderModel
 from .kernels import (
     INT4_GROUP_SIZES,
@@ -105,15 +106,24 @@ def quantized_weight_names(model: DecoderModel, scheme: str, *, include_lm_head:
     """
     check_scheme(scheme)
     head_scheme = _head_scheme(scheme, include_lm_head)
-    names = {f"{name}.weight" for name, mod in model.quantizable_linears() if type(mod) is nn.Linear}
-    if head_scheme is not None:
-        if model.output_head is not None and isinstance(model.get_submodule(model.output_head), nn.Linear):
-            names.add(f"{model.output_head}.weight")
-        if isinstance(model.get_submodule(model.input_embedding), nn.Embedding):
-            names.add(f"{model.input_embedding}.weight")
+    names = {f"{name}.weight" for name, _, _ in _plan(model, scheme, head_scheme)}
+    if head_scheme is not None and isinstance(model.get_submodule(model.input_embedding), nn.Embedding):
+        names.add(f"{model.input_embedding}.weight")
     if model.tied_embeddings and model.output_head is not None:
         names.discard(f"{model.output_head}.weight")  # the embedding's (one tensor in the file)
     return names
+
+
+def _plan(model: DecoderModel, scheme: str, head_scheme: str | None,
+          filter_fn: Callable[[str, nn.Module], bool] | None = None) -> list[tuple[str, nn.Linear, str]]:
+    """(name, module, scheme) of every linear quantize_model swaps: the model's quantizable nn.Linear layers
+    that filter_fn keeps, then the output head when it is quantized."""
+    plan = [(name, mod, scheme) for name, mod in model.quantizable_linears()
+            if type(mod) is nn.Linear and (filter_fn is None or filter_fn(name, mod))]
+    head = model.get_submodule(model.output_head) if model.output_head else None
+    if isinstance(head, nn.Linear) and head_scheme is not None:
+        plan.append((model.output_head, head, head_scheme))
+    return plan
 
 
 def _exact_q4(tensor: Any) -> bool:
@@ -154,18 +164,12 @@ def quantize_model(
         raise InvalidArgumentError("the model is already quantized")
     gguf_tensors = dict(gguf_tensors or {})
     head_name = model.output_head
-    head = model.get_submodule(head_name) if head_name else None
     embed_name = model.input_embedding
     embed = model.get_submodule(embed_name)
     tied = model.tied_embeddings
 
     # plan (and validate everything) before touching the model
-    plan: list[tuple[str, nn.Linear, str]] = [
-        (name, mod, scheme) for name, mod in model.quantizable_linears()
-        if type(mod) is nn.Linear and (filter_fn is None or filter_fn(name, mod))
-    ]
-    if isinstance(head, nn.Linear) and head_scheme is not None:
-        plan.append((head_name, head, head_scheme))
+    plan = _plan(model, scheme, head_scheme, filter_fn)
     if not plan:
         raise UnsupportedModelError("quantize: the model has no nn.Linear layers to quantize")
     for name, mod, sch in plan:
@@ -241,6 +245,8 @@ def quantize_model(
                     p.data = p.data.to(target)
                 seen.add(id(p))
     model.quantization = scheme
+    if device.type == "cpu":
+        release_free_heap()  # the replaced float weights' heap pages
     logger.info(
         "quantized %s: %s; output head %s%s; activations %s",
         scheme, ", ".join(f"{v} {k}" for k, v in counts.items() if v),
